@@ -1,0 +1,85 @@
+"""The config sections every family shares: data, tokenizer, optimiser, training loop, mesh."""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Logical axis -> mesh axes, first match wins; a mesh axis already used in a spec is skipped, so
+# activations ('batch' on data+fsdp) fall through to the later rules for their other dims.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("layers", None),
+    ("patch", None),
+    ("codebook", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+    ("classes", None),
+)
+
+
+def default_mesh_and_rules():
+    """Pure data parallel over all devices; rules ready for fsdp/tensor when the mesh asks."""
+    mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return mesh, [list(r) for r in DEFAULT_RULES]
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults that a family config then fills in (model, task, evals)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="world",  # world | coco | jsonl
+            path="",  # coco: annotations json; jsonl: the .jsonl file
+            image_root="",  # folder the image paths are relative to
+            tfds_data_dir="",  # '' -> ~/.cache/vlm_jax/tfds
+            world_seed=0,
+            image_size=32,
+            text_length=16,
+            batch_size=128,
+            shuffle=True,
+            random_crop=False,  # random resized crop (scale 0.8-1) on training images
+            random_flip=False,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            max_bad_fraction=0.01,  # the run fails if more examples than this are unusable
+            num_workers=0,
+        )
+    )
+    config.tokenizer = ml_collections.ConfigDict(
+        dict(path="", vocab_size=512)  # path '' -> trained on the world's text, kept in workdir
+    )
+    config.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-3,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.1,
+            warmup_steps=100,
+            schedule="cosine",  # cosine | constant
+            min_lr_ratio=0.0,
+            clip_norm=1.0,  # 0 disables
+            accum_steps=1,
+        )
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            log_every=50,
+            eval_every=500,
+            ckpt_every=500,
+            keep_checkpoints=2,
+            async_checkpoints=True,
+            progress=True,
+        )
+    )
+    config.mesh, config.sharding_rules = default_mesh_and_rules()
+    return config
