@@ -1,0 +1,95 @@
+"""Evaluators named in `config.evals`: each runs some metric kinds on one split.
+
+    config.evals.val = dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=1024)
+
+reports `val/zero_shot_top1`, `val/i2t_r1`, ... Kinds: zero_shot, retrieval (image-text models with
+encode_image/encode_text) and accuracy (classifiers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vlm_jax.evals.features import BatchedApply
+from vlm_jax.evals.retrieval import retrieval_metrics
+from vlm_jax.evals.zero_shot import class_embeddings, zero_shot_metrics
+
+KINDS = ("zero_shot", "retrieval", "accuracy")
+
+
+class Evaluator:
+    """One entry of config.evals: loads its split once, then scores params on demand."""
+
+    def __init__(
+        self,
+        name: str,
+        eval_cfg: ml_collections.ConfigDict,
+        config: ml_collections.ConfigDict,
+        model: nn.Module,
+        tokenizer: Any,
+        mesh: Mesh,
+    ):
+        from vlm_jax.data import pipeline  # Data code is only needed once evaluators are built.
+
+        unknown = set(eval_cfg.kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"evaluator {name!r}: unknown kinds {sorted(unknown)}; known: {KINDS}")
+        self.name, self.kinds = name, tuple(eval_cfg.kinds)
+        self.tokenizer, self.text_length = tokenizer, config.data.text_length
+        self.data = pipeline.eval_data(config, eval_cfg.split, eval_cfg.num_examples, tokenizer)
+        batch = eval_cfg.get("batch_size", 256)
+        rules = config.sharding_rules
+        if {"zero_shot", "retrieval"} & set(self.kinds):
+            self._images = BatchedApply(model, "encode_image", mesh, rules, batch)
+            self._texts = BatchedApply(model, "encode_text", mesh, rules, batch)
+        if "accuracy" in self.kinds:
+            self._logits = BatchedApply(model, None, mesh, rules, batch)
+        self.class_names = tuple(eval_cfg.get("class_names", ()))
+        self.templates = tuple(eval_cfg.get("templates", ()))
+        if "zero_shot" in self.kinds and not self.class_names:
+            from vlm_jax.data import world
+
+            self.class_names, self.templates = tuple(world.CLASS_NAMES), tuple(world.PROMPT_TEMPLATES)
+
+    def _encode_text(self, params, model_state, texts) -> np.ndarray:
+        tokens = self.tokenizer.tokenize(list(texts), self.text_length)
+        return self._texts(params, model_state, tokens)
+
+    def __call__(self, params: Any, model_state: dict | None = None) -> dict[str, float]:
+        """Metrics named '<evaluator>/<metric>'."""
+        model_state = model_state or {}
+        data, out = self.data, {}
+        labels = data.get("label")
+        held_out = data.get("held_out")
+        if {"zero_shot", "retrieval"} & set(self.kinds):
+            image_embeds = self._images(params, model_state, data["image"])
+        if "zero_shot" in self.kinds:
+            if labels is None:
+                raise ValueError(f"evaluator {self.name!r}: zero_shot needs labelled data")
+            classes = class_embeddings(
+                lambda t: self._encode_text(params, model_state, t), self.class_names, self.templates
+            )
+            out.update(zero_shot_metrics(image_embeds, classes, labels, held_out))
+        if "retrieval" in self.kinds:
+            texts = [c for caps in data["captions"] for c in caps]
+            owner = np.asarray([i for i, caps in enumerate(data["captions"]) for _ in caps])
+            text_embeds = self._encode_text(params, model_state, texts)
+            out.update(retrieval_metrics(image_embeds, text_embeds, owner))
+        if "accuracy" in self.kinds:
+            logits = self._logits(params, model_state, data["image"])
+            hit = np.argmax(logits, axis=-1) == labels
+            out["accuracy"] = float(hit.mean())
+            if held_out is not None and held_out.any():
+                out["accuracy_heldout"] = float(hit[held_out].mean())
+        return {f"{self.name}/{k}": v for k, v in out.items()}
+
+
+def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, mesh: Mesh) -> list[Evaluator]:
+    """The evaluators of config.evals, in order."""
+    evals = config.get("evals") or {}
+    return [Evaluator(name, cfg, config, model, tokenizer, mesh) for name, cfg in evals.items()]

@@ -1,0 +1,149 @@
+"""`vlm-jax train|eval|data|convert`: the command line.
+
+    vlm-jax train --config configs/clip.py:tiny --workdir runs/clip [--config.optim.lr=3e-4 ...]
+    vlm-jax eval  --workdir runs/clip [--config configs/clip.py:tiny]
+    vlm-jax data preview --config configs/clip.py:tiny --out preview.png
+    vlm-jax convert --from-hf path/to/hf_dir --out converted/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from vlm_jax import config as config_lib
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+    rest, overrides, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" in arg:
+                overrides.append(arg[len("--config.") :])
+            elif i + 1 < len(argv):
+                overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
+                i += 1
+            else:
+                raise config_lib.ConfigError(f"{arg} needs a value")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _load_config(spec: str | None, workdir: str | None, overrides: list[str]):
+    if spec:
+        return config_lib.load(spec, overrides)
+    saved = os.path.join(workdir or "", "config.json")
+    if workdir and os.path.exists(saved):
+        with open(saved) as f:
+            config = config_lib.from_json(f.read())
+        config_lib.apply_overrides(config, overrides)
+        return config
+    raise config_lib.ConfigError("--config is required (no config.json in the workdir)")
+
+
+def _print_summary(summary: dict) -> None:
+    print()
+    print(f"step {summary['step']}" + (" (preempted: saved and stopped)" if summary.get("preempted") else ""))
+    for key, value in sorted(summary.get("eval", {}).items()):
+        print(f"  {key:32s} {value:.4f}")
+    if "metrics_path" in summary:
+        print(f"metrics:     {summary['metrics_path']}")
+        print(f"tensorboard: tensorboard --logdir {summary['tensorboard_dir']}")
+        print(f"checkpoints: {summary['checkpoint_dir']}")
+
+
+def cmd_train(args, overrides) -> int:
+    from vlm_jax.train.trainer import train
+
+    config = _load_config(args.config, None, overrides)
+    summary = train(config, args.workdir)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    from vlm_jax.train.evaluate import evaluate
+
+    config = _load_config(args.config, args.workdir, overrides)
+    summary = evaluate(config, args.workdir, step=args.step)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_data(args, overrides) -> int:
+    from vlm_jax.data import preview
+
+    config = _load_config(args.config, None, overrides)
+    path = preview.write_preview(config, args.out, split=args.split, num=args.num)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_convert(args, overrides) -> int:
+    import orbax.checkpoint as ocp
+
+    from vlm_jax import convert
+
+    del overrides
+    config, params = convert.from_hf(args.from_hf)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(out, "params"), params, force=True)
+    checkpointer.wait_until_finished()
+    print(f"wrote {out}/config.json and {out}/params")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (overrides `--config.x=y` are split off before it runs)."""
+    parser = argparse.ArgumentParser(prog="vlm-jax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (or resume) a run")
+    p.add_argument("--config", required=True, help="path.py[:variant]")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
+    p.add_argument("--config", default=None)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--step", type=int, default=None)
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("data", help="look at the data")
+    p.add_argument("action", choices=["preview"])
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", default="preview.png")
+    p.add_argument("--split", default="train")
+    p.add_argument("--num", type=int, default=16)
+    p.set_defaults(fn=cmd_data)
+    p = sub.add_parser("convert", help="import Hugging Face weights")
+    p.add_argument("--from-hf", required=True, help="a directory with config.json + *.safetensors")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_convert)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `vlm-jax` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = _split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        return args.fn(args, overrides)
+    except config_lib.ConfigError as e:
+        print(f"vlm-jax: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""CLIP-style contrastive learning: symmetric InfoNCE (softmax) or the SigLIP sigmoid loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from vlm_jax.tasks.base import apply_train
+
+
+def softmax_loss(image_embeds: jax.Array, text_embeds: jax.Array, scale: jax.Array) -> jax.Array:
+    """Symmetric InfoNCE over a batch of matched pairs; embeds [B, E] L2-normalised -> scalar."""
+    logits = scale * image_embeds @ text_embeds.T
+    labels = jnp.arange(logits.shape[0])
+    i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+    return 0.5 * (i2t.mean() + t2i.mean())
+
+
+def sigmoid_loss(
+    image_embeds: jax.Array, text_embeds: jax.Array, scale: jax.Array, bias: jax.Array
+) -> jax.Array:
+    """SigLIP: every pair is a binary problem (+1 on the diagonal); summed per image, averaged."""
+    logits = scale * image_embeds @ text_embeds.T + bias
+    signs = 2.0 * jnp.eye(logits.shape[0]) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+
+
+def loss_fn(
+    model: nn.Module,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    config: ml_collections.ConfigDict,
+    model_state: dict,
+) -> tuple[jax.Array, dict]:
+    """Contrastive loss of a batch {'image' [B,H,W,3], 'tokens' [B,L]} and its metrics."""
+    out, model_state = apply_train(model, params, model_state, batch["image"], batch["tokens"], rng=rng)
+    img = out["image_embeds"].astype(jnp.float32)
+    txt = out["text_embeds"].astype(jnp.float32)
+    if config.model.loss == "sigmoid":
+        loss = sigmoid_loss(img, txt, out["logit_scale"], out["logit_bias"])
+    elif config.model.loss == "softmax":
+        loss = softmax_loss(img, txt, out["logit_scale"])
+    else:
+        raise ValueError(f"unknown contrastive loss {config.model.loss!r}; use softmax or sigmoid")
+    sims = img @ txt.T
+    metrics = {
+        "loss": loss,
+        "logit_scale": out["logit_scale"],
+        "batch_i2t_top1": jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0])),
+    }
+    return loss, {"metrics": metrics, "model_state": model_state}

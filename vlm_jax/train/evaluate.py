@@ -1,0 +1,40 @@
+"""Evaluating a run's latest checkpoint with the evaluators of its config."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from vlm_jax import evals, models
+from vlm_jax.parallel import hosts
+from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.train import optim
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.trainer import sharding_context, state_initializer
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> dict:
+    """Metrics of config.evals on the checkpoint at `step` (default: the latest) in workdir."""
+    from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
+
+    workdir = os.path.abspath(workdir)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    mesh = make_mesh(config.mesh)
+    tokenizer = tokenizer_lib.load_or_train(config, workdir)
+    batches = pipeline.train_batches(
+        config, tokenizer, process_index=hosts.process_index(), process_count=hosts.process_count()
+    )
+    model = models.build(config)
+    tx = optim.make_optimizer(config.optim, int(config.train.steps))
+    _, _, abstract = state_initializer(model, tx, next(batches), mesh, config.sharding_rules)
+    state, _ = checkpointer.restore(step, abstract)
+    checkpointer.close()
+    results = {}
+    with sharding_context(mesh, config.sharding_rules):
+        for evaluator in evals.build(config, model, tokenizer, mesh):
+            results.update(evaluator(state["params"], state["model_state"]))
+    return {"step": step, "eval": results}

@@ -1,0 +1,61 @@
+"""The optimiser from `config.optim`: AdamW with a decay mask, warmup + cosine, clipping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+# Leaves with these names are weight matrices; everything else (biases, norm scales, the CLIP
+# temperature and bias, positional/class embeddings) is not decayed.
+DECAYED_NAMES = ("kernel", "embedding")
+
+
+def decay_mask(params: Any) -> Any:
+    """Tree of bools, True where weight decay applies (leaf named kernel or embedding)."""
+
+    def is_decayed(path, _):
+        # The last dict key names the leaf; nn.Partitioned boxes add an attribute key after it.
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return bool(names) and str(names[-1]) in DECAYED_NAMES
+
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr_ratio * lr (or constant)."""
+    warmup = int(cfg.warmup_steps)
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(
+            cfg.lr, max(total_steps - warmup, 1), alpha=cfg.get("min_lr_ratio", 0.0)
+        )
+    else:
+        raise ValueError(f"unknown lr schedule {cfg.schedule!r}; use cosine or constant")
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, warmup), decay], boundaries=[warmup]
+    )
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """optax chain: clip by global norm, then the optimiser with the scheduled learning rate."""
+    schedule = learning_rate_schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        opt = optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    elif cfg.name == "sgd":
+        opt = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=cfg.b1),
+        )
+    else:
+        raise ValueError(f"unknown optimiser {cfg.name!r}; use adamw or sgd")
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    return optax.chain(*parts, opt)

@@ -1,0 +1,225 @@
+"""The one training loop: config -> mesh -> data -> state -> jitted step -> loop -> final eval."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlm_jax import evals, models, tasks
+from vlm_jax.parallel import hosts
+from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.parallel.rules import as_rules, mesh_shardings
+from vlm_jax.train import optim
+from vlm_jax.train import state as state_lib
+from vlm_jax.train.checkpoint import Checkpointer
+from vlm_jax.train.metrics import MetricWriter, Progress
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient too many steps in a row."""
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: jax.sharding.Mesh, rules: Any):
+    """Mesh + logical axis rules, so the models' logical constraints resolve while tracing."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(as_rules(rules)):
+        yield
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls: save, then exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def state_initializer(
+    model: nn.Module, tx: Any, example_batch: dict, mesh: jax.sharding.Mesh, rules: Any
+) -> tuple[Any, Any, Any]:
+    """(init(rng) -> boxed state, state shardings, abstract state with shardings) for a batch shape."""
+    example = {k: jnp.zeros(np.shape(v), np.asarray(v).dtype) for k, v in example_batch.items()}
+    init = functools.partial(state_lib.init_state, model, tx, batch=example)
+    with sharding_context(mesh, rules):
+        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = mesh_shardings(boxed, mesh, rules)
+    return init, shardings, _with_shardings(nn.meta.unbox(boxed), shardings)
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`. Returns a summary with the final metrics.
+
+    stop_at_step: save and return once this step is reached (as a preemption would).
+    """
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = hosts.is_main_process()
+    mesh = make_mesh(config.mesh)
+    rules = config.sharding_rules
+    total_steps = int(config.train.steps)
+
+    # Data and tokenizer.
+    from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
+
+    tokenizer = tokenizer_lib.load_or_train(config, workdir)
+    batches = pipeline.train_batches(
+        config, tokenizer, process_index=hosts.process_index(), process_count=hosts.process_count()
+    )
+    first_local = next(batches)  # Also fixes the batch shapes the step is compiled for.
+    batch_shardings = hosts.batch_shardings(first_local, mesh, rules)
+
+    # Model, optimiser and the sharded state.
+    model = models.build(config)
+    task = tasks.get(config.task.name)
+    tx = optim.make_optimizer(config.optim, total_steps)
+    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init, shardings, abstract = state_initializer(model, tx, first_local, mesh, rules)
+
+    checkpointer = Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints
+    )
+    start = checkpointer.latest_step()
+    if start is not None:
+        state, data_state = checkpointer.restore(start, abstract)
+        batches.set_state(data_state)
+        first_local = None
+        log.info("resumed from step %d in %s", start, checkpointer.directory)
+    else:
+        with sharding_context(mesh, rules):
+            state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
+        start = 0
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = state_lib.make_train_step(model, task.loss_fn, tx, config)
+    with sharding_context(mesh, rules):
+        train_step = jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_shardings, replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=(0,),
+        )
+
+    evaluators = evals.build(config, model, tokenizer, mesh)
+    writer = MetricWriter(workdir, enabled=is_main)
+    if is_main and start == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    progress = Progress(
+        total_steps, start, config.data.batch_size, enabled=is_main and config.train.progress
+    )
+
+    def run_evals(step: int) -> dict[str, float]:
+        results = {}
+        with sharding_context(mesh, rules):
+            for evaluator in evaluators:
+                results.update(evaluator(state["params"], state["model_state"]))
+        if results:
+            writer.write(step, results)
+        return results
+
+    def save(step: int, force: bool = False) -> None:
+        checkpointer.save(step, state, batches.get_state(), config, force=force)
+
+    step, bad_in_a_row, eval_results, train_metrics = start, 0, {}, {}
+    max_bad = int(config.train.get("max_nonfinite_steps", 5))
+    t_log, step_log = time.perf_counter(), start
+    preempted = False
+    with _Preemption() as preemption:
+        while step < total_steps:
+            local = first_local if first_local is not None else next(batches)
+            first_local = None
+            batch = hosts.global_batch(local, mesh, rules)
+            with sharding_context(mesh, rules):
+                state, metrics = train_step(state, batch, step_rng)
+            step += 1
+            finite = bool(metrics["finite"])  # Syncs: the loop reads every step's verdict.
+            if not finite:
+                bad_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped", step)
+                if is_main:
+                    print(f"step {step}: non-finite loss {float(metrics['loss'])}; update skipped")
+                if bad_in_a_row >= max_bad:
+                    checkpointer.close()
+                    raise NonFiniteLossError(
+                        f"non-finite loss at steps {step - bad_in_a_row + 1}..{step}; "
+                        f"state kept at its last finite value"
+                    )
+            else:
+                bad_in_a_row = 0
+            progress.update(step, float(metrics["loss"]) if step % 10 == 0 else None)
+            if step % config.train.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                train_metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+                train_metrics.update(
+                    {
+                        "train/steps_per_sec": rate,
+                        "train/examples_per_sec": rate * config.data.batch_size,
+                        "train/lr": float(optim.learning_rate_schedule(config.optim, total_steps)(step)),
+                    }
+                )
+                train_metrics.update(batches.stats())
+                writer.write(step, train_metrics)
+            if evaluators and config.train.eval_every and step % config.train.eval_every == 0:
+                if step != total_steps:
+                    eval_results = run_evals(step)
+            if step % config.train.ckpt_every == 0 and step != total_steps:
+                save(step)
+            if preemption.requested or (stop_at_step is not None and step >= stop_at_step):
+                preempted = True
+                break
+    progress.close()
+    if checkpointer.latest_step() != step:
+        save(step, force=True)
+    if not preempted or step == total_steps:
+        eval_results = run_evals(step)
+    checkpointer.close()
+    writer.close()
+    return {
+        "step": step,
+        "finished": step >= total_steps,
+        "preempted": preempted,
+        "train": {k: float(np.asarray(v)) for k, v in train_metrics.items()},
+        "eval": eval_results,
+        "workdir": workdir,
+        "metrics_path": writer.jsonl_path,
+        "tensorboard_dir": writer.tensorboard_dir,
+        "checkpoint_dir": checkpointer.directory,
+    }
