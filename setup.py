@@ -21,6 +21,7 @@ setup(
         "sentencepiece>=0.2",
         "pillow>=10",
         "numpy>=1.26",
+        "scipy",
         "safetensors>=0.4",
         "tensorboardX>=2.6",
         "tqdm",
