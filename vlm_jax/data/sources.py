@@ -1,0 +1,137 @@
+"""Random-access data sources: the built-in world, COCO-captions JSON, JSON-lines image/caption files.
+
+Every source has `len()` and `[i]` -> dict record {"image": bytes | np.ndarray | path,
+"captions": list[str], optional "label", "held_out", ...}. File-backed sources hold paths only:
+images are read (and their failures counted) in the pipeline's map step, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("world", "coco", "jsonl")
+
+
+class RecordSource:
+    """A list of records behind the random-access interface grain expects (len, getitem)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], name: str = "records"):
+        self._records = list(records)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._records[index]
+        # A shallow copy with a fresh caption list: pipeline steps must not mutate the source.
+        return {**record, "captions": list(record["captions"])}
+
+    def __repr__(self) -> str:
+        return f"RecordSource({self.name}, {len(self)} records)"
+
+
+def world_source(config: Any, split: str) -> Any:
+    """The built-in world split as a tfds array_record source (built on first use)."""
+    from vlm_jax.data import tfds_world  # late: tensorflow-datasets is slow to import
+
+    data = config.data
+    return tfds_world.data_source(
+        split,
+        image_size=int(data.image_size),
+        seed=int(data.world_seed),
+        data_dir=str(data.get("tfds_data_dir", "") or "") or None,
+    )
+
+
+def coco_source(annotations_json: str | os.PathLike, image_root: str | os.PathLike = "") -> RecordSource:
+    """COCO captions (images[].id/file_name, annotations[].image_id/caption), one record per image."""
+    annotations_json = os.fspath(annotations_json)
+    with open(annotations_json, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"{annotations_json!r} is not COCO captions JSON (needs images, annotations)")
+    root = _image_root(annotations_json, image_root)
+    captions: dict[Any, list[str]] = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(_as_text(ann.get("caption")))
+    records = []
+    for img in data["images"]:
+        records.append(
+            {
+                "image": _resolve(root, img["file_name"]),
+                # An image without annotations stays in, with no caption: the pipeline counts it
+                # as an empty-caption example instead of it vanishing silently.
+                "captions": captions.get(img["id"], []),
+                "image_id": img["id"],
+            }
+        )
+    return RecordSource(records, name=os.path.basename(annotations_json))
+
+
+def jsonl_source(path: str | os.PathLike, image_root: str | os.PathLike = "") -> RecordSource:
+    """JSON-lines {"image": path, "caption": text}; lines of the same image become one record."""
+    path = os.fspath(path)
+    root = _image_root(path, image_root)
+    by_image: dict[str, list[str]] = {}  # dicts keep first-seen order: the file's order
+    malformed = 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                image = row["image"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                malformed += 1
+                if malformed <= 5:
+                    log.warning("%s:%d: not a {'image': ..., 'caption': ...} line, skipped", path, line_no)
+                continue
+            caption = row.get("caption", row.get("captions", ""))
+            texts = caption if isinstance(caption, list) else [caption]
+            by_image.setdefault(_resolve(root, image), []).extend(_as_text(t) for t in texts)
+    if malformed:
+        log.warning("%s: %d malformed lines skipped", path, malformed)
+    records = [{"image": image, "captions": caps} for image, caps in by_image.items()]
+    source = RecordSource(records, name=os.path.basename(path))
+    source.malformed_lines = malformed
+    return source
+
+
+def make_source(config: Any, split: str) -> Any:
+    """The source named by config.data.source ('world' | 'coco' | 'jsonl') for a split."""
+    kind = str(config.data.source)
+    if kind == "world":
+        return world_source(config, split)
+    if kind not in SOURCES:
+        raise ValueError(f"unknown config.data.source {kind!r}; choose one of {', '.join(SOURCES)}")
+    path = str(config.data.path or "")
+    if not path:
+        raise ValueError(f"config.data.source={kind!r} needs config.data.path (the {kind} file)")
+    # One config covers several splits when the path names them: 'captions_{split}.json'.
+    path = os.path.expanduser(path.replace("{split}", split))
+    image_root = os.path.expanduser(str(config.data.get("image_root", "") or "").replace("{split}", split))
+    if kind == "coco":
+        return coco_source(path, image_root)
+    return jsonl_source(path, image_root)
+
+
+def _image_root(annotation_path: str, image_root: str | os.PathLike) -> str:
+    """Relative image paths resolve against image_root, or the annotation file's folder if unset."""
+    root = os.fspath(image_root)
+    return root if root else os.path.dirname(os.path.abspath(annotation_path))
+
+
+def _resolve(root: str, file_name: str) -> str:
+    return file_name if os.path.isabs(file_name) else os.path.join(root, file_name)
+
+
+def _as_text(caption: Any) -> str:
+    # A null or non-string caption is treated as empty, so the pipeline counts it, not crashes.
+    return caption.strip() if isinstance(caption, str) else ""
