@@ -55,13 +55,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg == "tiny":
         config.model = _model(
             "cnn", dict(channels=(32, 64, 128, 128)), 128,
-            dict(context_length=16, width=128, depth=2, heads=4, mlp_ratio=4.0), 32,
+            dict(context_length=24, width=128, depth=2, heads=4, mlp_ratio=4.0), 32,
         )
         config.model.text.vocab_size = 512
         config.model.text.act = "gelu"
         config.model.text.eos_id = 3
         config.data.image_size = 32
-        config.data.text_length = 16
+        config.data.text_length = 24
         config.tokenizer.vocab_size = 512
         config.data.batch_size = 128
         config.optim.lr = 1e-3

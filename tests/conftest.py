@@ -6,3 +6,48 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402  (after the XLA flags on purpose)
+
+
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory):
+    """A small built-in-world dataset and a tokenizer trained on its text, shared by the tests."""
+    from vlm_jax.data import world
+    from vlm_jax.data.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("world_cache")
+    Tokenizer.train(world.text_corpus(0, 2000), str(root / "tokenizer"), 512)
+    return root
+
+
+@pytest.fixture
+def tiny_clip_config(world_cache):
+    """configs/clip.py:tiny made smaller still, on the small shared dataset, with no evaluators."""
+    import ml_collections
+
+    from vlm_jax import config as config_lib
+
+    config = config_lib.load(
+        "configs/clip.py:tiny",
+        {
+            "data.tfds_data_dir": str(world_cache / "tfds"),
+            "data.batch_size": 16,
+            "tokenizer.path": str(world_cache / "tokenizer.model"),
+            "model.image.channels": (8, 16, 16, 16),
+            "model.text.width": 32,
+            "model.text.heads": 2,
+            "model.embed_dim": 32,
+            "optim.warmup_steps": 2,
+            "train.steps": 5,
+            "train.log_every": 1,
+            "train.eval_every": 0,
+            "train.ckpt_every": 1000,
+            "train.progress": False,
+            "train.async_checkpoints": False,
+        },
+    )
+    with config.unlocked():
+        config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
+        config.evals = ml_collections.ConfigDict()
+    return config

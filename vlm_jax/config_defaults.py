@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
             image_root="",  # folder the image paths are relative to
             tfds_data_dir="",  # '' -> ~/.cache/vlm_jax/tfds
             world_seed=0,
+            world_num_examples=dict(train=50000, validation=2000, test=2000),
             image_size=32,
             text_length=16,
             batch_size=128,

@@ -47,6 +47,7 @@ def world_source(config: Any, split: str) -> Any:
         image_size=int(data.image_size),
         seed=int(data.world_seed),
         data_dir=str(data.get("tfds_data_dir", "") or "") or None,
+        num_examples=data.get("world_num_examples"),
     )
 
 

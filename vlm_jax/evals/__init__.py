@@ -76,10 +76,9 @@ class Evaluator:
             )
             out.update(zero_shot_metrics(image_embeds, classes, labels, held_out))
         if "retrieval" in self.kinds:
-            texts = [c for caps in data["captions"] for c in caps]
-            owner = np.asarray([i for i, caps in enumerate(data["captions"]) for _ in caps])
-            text_embeds = self._encode_text(params, model_state, texts)
-            out.update(retrieval_metrics(image_embeds, text_embeds, owner))
+            # Every caption of every image, flattened; caption_owner maps each back to its image.
+            text_embeds = self._texts(params, model_state, data["tokens"])
+            out.update(retrieval_metrics(image_embeds, text_embeds, data["caption_owner"]))
         if "accuracy" in self.kinds:
             logits = self._logits(params, model_state, data["image"])
             hit = np.argmax(logits, axis=-1) == labels

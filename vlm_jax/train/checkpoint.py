@@ -16,6 +16,20 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose arrays do not fit the model being restored."""
 
 
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _leaves_by_path(tree: Any) -> dict[str, Any]:
+    """Leaves keyed by 'a/b/0/mu' paths, so stored metadata (dicts and lists, as Orbax writes
+    namedtuples and tuples) and the live state (optax namedtuples) compare equal."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+
+
 class Checkpointer:
     """Keeps the last N checkpoints of a run under <workdir>/checkpoints (async saves)."""
 
@@ -23,6 +37,12 @@ class Checkpointer:
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
             self.directory,
+            # Named handlers let a fresh process read the metadata of an existing checkpoint.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=async_save, create=True
             ),
@@ -49,17 +69,18 @@ class Checkpointer:
     def _check_shapes(self, step: int, abstract_state: Any) -> None:
         stored = self._manager.item_metadata(step)["state"]
         stored = getattr(stored, "tree", stored)
-        want = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-        have = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+        if stored is None:
+            raise CheckpointMismatchError(f"checkpoint {self.directory}/{step} has no readable state")
+        want = _leaves_by_path(abstract_state)
+        have = _leaves_by_path(stored)
         problems = []
-        for path, leaf in want:
-            name = jax.tree_util.keystr(path)
-            got = have.pop(path, None)
+        for name, leaf in want.items():
+            got = have.pop(name, None)
             if got is None:
                 problems.append(f"{name}: missing from the checkpoint")
             elif tuple(got.shape) != tuple(leaf.shape):
                 problems.append(f"{name}: checkpoint {tuple(got.shape)} vs model {tuple(leaf.shape)}")
-        problems += [f"{jax.tree_util.keystr(p)}: in the checkpoint, not in the model" for p in have]
+        problems += [f"{name}: in the checkpoint, not in the model" for name in have]
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

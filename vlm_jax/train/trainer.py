@@ -62,6 +62,40 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _NonFiniteGuard:
+    """Reports steps whose update was skipped for a non-finite loss; raises after `limit` in a row."""
+
+    def __init__(self, limit: int, verbose: bool):
+        self.limit, self.verbose = limit, verbose
+        self.in_a_row = 0
+        self._pending: tuple[int, dict] | None = None
+
+    def observe(self, step: int, metrics: dict) -> None:
+        """Queues this step's metrics and checks the previously queued ones."""
+        self.flush()
+        self._pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Checks the queued step (blocks until it has run)."""
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        if bool(metrics["finite"]):
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        message = f"step {step}: non-finite loss ({float(metrics['loss'])}); update skipped"
+        log.warning(message)
+        if self.verbose:
+            print(message, flush=True)
+        if self.in_a_row >= self.limit:
+            raise NonFiniteLossError(
+                f"non-finite loss at steps {step - self.in_a_row + 1}..{step}; the state keeps its "
+                "last finite value"
+            )
+
+
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
@@ -74,23 +108,35 @@ def state_initializer(
     """(init(rng) -> boxed state, state shardings, abstract state with shardings) for a batch shape."""
     example = {k: jnp.zeros(np.shape(v), np.asarray(v).dtype) for k, v in example_batch.items()}
     init = functools.partial(state_lib.init_state, model, tx, batch=example)
-    with sharding_context(mesh, rules):
-        boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    # Traced without the mesh: flax would otherwise constrain DenseGeneral kernels while they are
+    # still flat. The out_shardings below place the state.
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = mesh_shardings(boxed, mesh, rules)
     return init, shardings, _with_shardings(nn.meta.unbox(boxed), shardings)
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    devices: list | None = None,
 ) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`. Returns a summary with the final metrics.
 
     stop_at_step: save and return once this step is reached (as a preemption would).
+    devices: the devices of the mesh (default: all).
     """
+    # SIGTERM from here on means "save and stop", even while still compiling.
+    with _Preemption() as preemption:
+        return _train(config, workdir, preemption, stop_at_step, devices)
+
+
+def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = hosts.is_main_process()
-    mesh = make_mesh(config.mesh)
+    mesh = make_mesh(config.mesh, devices)
     rules = config.sharding_rules
     total_steps = int(config.train.steps)
 
@@ -121,8 +167,7 @@ def train(
         first_local = None
         log.info("resumed from step %d in %s", start, checkpointer.directory)
     else:
-        with sharding_context(mesh, rules):
-            state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
         start = 0
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -156,55 +201,43 @@ def train(
     def save(step: int, force: bool = False) -> None:
         checkpointer.save(step, state, batches.get_state(), config, force=force)
 
-    step, bad_in_a_row, eval_results, train_metrics = start, 0, {}, {}
-    max_bad = int(config.train.get("max_nonfinite_steps", 5))
+    step, eval_results, train_metrics = start, {}, {}
+    nonfinite = _NonFiniteGuard(int(config.train.get("max_nonfinite_steps", 5)), is_main)
     t_log, step_log = time.perf_counter(), start
     preempted = False
-    with _Preemption() as preemption:
-        while step < total_steps:
-            local = first_local if first_local is not None else next(batches)
-            first_local = None
-            batch = hosts.global_batch(local, mesh, rules)
-            with sharding_context(mesh, rules):
-                state, metrics = train_step(state, batch, step_rng)
-            step += 1
-            finite = bool(metrics["finite"])  # Syncs: the loop reads every step's verdict.
-            if not finite:
-                bad_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient; update skipped", step)
-                if is_main:
-                    print(f"step {step}: non-finite loss {float(metrics['loss'])}; update skipped")
-                if bad_in_a_row >= max_bad:
-                    checkpointer.close()
-                    raise NonFiniteLossError(
-                        f"non-finite loss at steps {step - bad_in_a_row + 1}..{step}; "
-                        f"state kept at its last finite value"
-                    )
-            else:
-                bad_in_a_row = 0
-            progress.update(step, float(metrics["loss"]) if step % 10 == 0 else None)
-            if step % config.train.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = (step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                train_metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-                train_metrics.update(
-                    {
-                        "train/steps_per_sec": rate,
-                        "train/examples_per_sec": rate * config.data.batch_size,
-                        "train/lr": float(optim.learning_rate_schedule(config.optim, total_steps)(step)),
-                    }
-                )
-                train_metrics.update(batches.stats())
-                writer.write(step, train_metrics)
-            if evaluators and config.train.eval_every and step % config.train.eval_every == 0:
-                if step != total_steps:
-                    eval_results = run_evals(step)
-            if step % config.train.ckpt_every == 0 and step != total_steps:
-                save(step)
-            if preemption.requested or (stop_at_step is not None and step >= stop_at_step):
-                preempted = True
-                break
+    while step < total_steps:
+        local = first_local if first_local is not None else next(batches)
+        first_local = None
+        batch = hosts.global_batch(local, mesh, rules)
+        with sharding_context(mesh, rules):
+            state, metrics = train_step(state, batch, step_rng)
+        step += 1
+        # Checks the previous step's verdict, so the host never waits on the step just queued.
+        nonfinite.observe(step, metrics)
+        progress.update(step, float(metrics["loss"]) if step % 10 == 0 else None)
+        if step % config.train.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            rate = (step - step_log) / max(now - t_log, 1e-9)
+            t_log, step_log = now, step
+            train_metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+            train_metrics.update(
+                {
+                    "train/steps_per_sec": rate,
+                    "train/examples_per_sec": rate * config.data.batch_size,
+                    "train/lr": float(optim.learning_rate_schedule(config.optim, total_steps)(step)),
+                }
+            )
+            train_metrics.update(batches.stats())
+            writer.write(step, train_metrics)
+        if evaluators and config.train.eval_every and step % config.train.eval_every == 0:
+            if step != total_steps:
+                eval_results = run_evals(step)
+        if step % config.train.ckpt_every == 0 and step != total_steps:
+            save(step)
+        if preemption.requested or (stop_at_step is not None and step >= stop_at_step):
+            preempted = True
+            break
+    nonfinite.flush()
     progress.close()
     if checkpointer.latest_step() != step:
         save(step, force=True)
