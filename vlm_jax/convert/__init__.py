@@ -1,0 +1,102 @@
+"""Weight import: `from_hf(path) -> (config, params)` for Hugging Face CLIPModel and ViTModel
+directories (config.json + safetensors, single or sharded). Pickled checkpoints are never read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from vlm_jax.convert import hf_clip, hf_vit
+from vlm_jax.convert.checks import ConversionError, Tensors, check_tree
+from vlm_jax.convert.safetensors_io import read_safetensors
+from vlm_jax.layers.transformer import stack_layers
+from vlm_jax.models import build
+
+__all__ = ["ConversionError", "from_hf"]
+
+# model_type -> (converter, family config file, the variant whose training settings we start from)
+_FAMILIES = {"clip": (hf_clip, "clip", "b16"), "vit": (hf_vit, "vit", "b16")}
+_CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _family_config(family: str, variant: str) -> ml_collections.ConfigDict:
+    """The full config of configs/<family>.py:<variant> (its data, optimiser, evals settings)."""
+    path = _CONFIGS_DIR / f"{family}.py"
+    if not path.exists():
+        raise ConversionError(f"family config {path} not found (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location(f"vlm_jax_config_{family}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ml_collections.ConfigDict(module.get_config(variant))
+
+
+def _preprocessing(path: str) -> dict[str, Any]:
+    """image_mean / image_std of preprocessor_config.json, when the directory has one."""
+    file = os.path.join(path, "preprocessor_config.json")
+    if not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        pre = json.load(f)
+    return {k: tuple(pre[k]) for k in ("image_mean", "image_std") if k in pre}
+
+
+def from_hf(
+    path: str, *, dtype: str = "float32", scan_layers: bool = False
+) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """HF model directory -> (full config, params): `build(config).apply({"params": params}, ...)`.
+
+    params is the tree under "params" (float32 numpy arrays); with scan_layers=True the encoder
+    layers are stacked for nn.scan. Raises ConversionError on any weight that does not fit.
+    """
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    model_type = hf.get("model_type")
+    if model_type not in _FAMILIES:
+        raise ConversionError(
+            f"model_type {model_type!r} is not importable; known: {sorted(_FAMILIES)}"
+        )
+    converter, family, variant = _FAMILIES[model_type]
+    archs = hf.get("architectures") or []
+    if archs and not set(archs) & set(converter.ARCHITECTURES):
+        raise ConversionError(
+            f"architectures {archs}: {model_type} import reads {converter.ARCHITECTURES}"
+        )
+
+    raw = read_safetensors(path)
+    if model_type == "vit":
+        raw = hf_vit.canonical_names(raw)
+    model_cfg = converter.model_config(hf, {k: v.shape for k, v in raw.items()})
+    tensors = Tensors(raw, ignore=converter.IGNORED)
+    params = converter.params(tensors, model_cfg)
+    tensors.finish()
+
+    model_cfg.dtype = dtype
+    model_cfg.scan_layers = scan_layers
+    if scan_layers:
+        params = stack_layers(params)
+    model = build(model_cfg)
+    inputs = converter.dummy_inputs(model_cfg)
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+    check_tree(nn.unbox(expected)["params"], params)
+
+    config = _family_config(family, variant)
+    config.model = model_cfg
+    if model_type == "clip":
+        config.data.image_size = model_cfg.image.image_size
+        config.data.text_length = model_cfg.text.context_length
+        config.tokenizer.vocab_size = model_cfg.text.vocab_size
+    else:
+        config.data.image_size = model_cfg.image_size
+    pre = _preprocessing(path)
+    if "image_mean" in pre:
+        config.data.mean = pre["image_mean"]
+    if "image_std" in pre:
+        config.data.std = pre["image_std"]
+    return config, params

@@ -1,5 +1,6 @@
 """Training recipes. A task module defines
 
+    model_inputs(batch) -> tuple of the model's positional inputs (also used to initialise it)
     loss_fn(model, params, batch, rng, config, model_state) -> (loss, {"metrics": ..., "model_state": ...})
 
 where `model_state` holds the model's non-parameter collections (e.g. BatchNorm statistics; {} for

@@ -13,6 +13,11 @@ import optax
 from vlm_jax.tasks.base import apply_train
 
 
+def model_inputs(batch: dict) -> tuple:
+    """The model's positional inputs: images [B,H,W,3]."""
+    return (batch["image"],)
+
+
 def loss_fn(
     model: nn.Module,
     params: Any,
@@ -22,7 +27,7 @@ def loss_fn(
     model_state: dict,
 ) -> tuple[jax.Array, dict]:
     """Cross-entropy of logits [B, classes] against batch['label'] [B], with label smoothing."""
-    logits, model_state = apply_train(model, params, model_state, batch["image"], rng=rng)
+    logits, model_state = apply_train(model, params, model_state, *model_inputs(batch), rng=rng)
     logits = logits.astype(jnp.float32)
     num_classes = logits.shape[-1]
     smoothing = config.task.get("label_smoothing", 0.0)

@@ -31,6 +31,11 @@ def sigmoid_loss(
     return -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
 
 
+def model_inputs(batch: dict) -> tuple:
+    """The model's positional inputs: images [B,H,W,3] and tokens [B,L]."""
+    return (batch["image"], batch["tokens"])
+
+
 def loss_fn(
     model: nn.Module,
     params: Any,
@@ -40,7 +45,7 @@ def loss_fn(
     model_state: dict,
 ) -> tuple[jax.Array, dict]:
     """Contrastive loss of a batch {'image' [B,H,W,3], 'tokens' [B,L]} and its metrics."""
-    out, model_state = apply_train(model, params, model_state, batch["image"], batch["tokens"], rng=rng)
+    out, model_state = apply_train(model, params, model_state, *model_inputs(batch), rng=rng)
     img = out["image_embeds"].astype(jnp.float32)
     txt = out["text_embeds"].astype(jnp.float32)
     if config.model.loss == "sigmoid":

@@ -6,7 +6,7 @@ import os
 
 import ml_collections
 
-from vlm_jax import evals, models
+from vlm_jax import evals, models, tasks
 from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.train import optim
@@ -30,7 +30,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     )
     model = models.build(config)
     tx = optim.make_optimizer(config.optim, int(config.train.steps))
-    _, _, abstract = state_initializer(model, tx, next(batches), mesh, config.sharding_rules)
+    task = tasks.get(config.task.name)
+    _, _, abstract = state_initializer(model, task, tx, next(batches), mesh, config.sharding_rules)
     state, _ = checkpointer.restore(step, abstract)
     checkpointer.close()
     results = {}

@@ -70,6 +70,7 @@ class Progress:
         self._start_step, self._t0 = start, None
         self._last = ""
         self.tty = sys.stderr.isatty()
+        self.log_interval, self._printed = 10.0, 0.0
 
     def update(self, step: int, loss: float | None = None, *, force: bool = False) -> None:
         """Redraws the bar after `step` completed steps (timing starts at the first call)."""
@@ -94,8 +95,10 @@ class Progress:
         if self.tty:
             sys.stderr.write("\r" + line.ljust(len(self._last)))
             sys.stderr.flush()
-        elif force or line != self._last:
+        elif force or step >= self.total or now - self._printed >= self.log_interval:
+            # A log file gets a line every log_interval seconds, not a redraw per step.
             print(line, file=sys.stderr, flush=True)
+            self._printed = now
         self._last = line
 
     def close(self) -> None:

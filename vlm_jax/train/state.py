@@ -13,14 +13,13 @@ import optax
 
 
 def init_state(
-    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, batch: dict[str, Any]
+    model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array, inputs: tuple
 ) -> dict:
-    """{'params', 'opt_state', 'step', 'model_state'} from model.init on an example batch.
+    """{'params', 'opt_state', 'step', 'model_state'} from model.init on example inputs.
 
     Params (and so the optimiser moments made from them) keep their nn.Partitioned boxes, so the
     caller can read every leaf's logical axes off the abstract tree before unboxing.
     """
-    inputs = model_inputs(batch)
     variables = model.init({"params": rng, "dropout": rng}, *inputs, train=False)
     variables = dict(variables)
     params = variables.pop("params")
@@ -31,15 +30,6 @@ def init_state(
         "step": jnp.zeros((), jnp.int32),
         "model_state": variables,
     }
-
-
-def model_inputs(batch: dict[str, Any]) -> tuple:
-    """The positional inputs a model takes from a batch: image (and tokens, when present)."""
-    if "tokens" in batch and "image" in batch:
-        return (batch["image"], batch["tokens"])
-    if "image" in batch:
-        return (batch["image"],)
-    return (batch["tokens"],)
 
 
 def _split_micro(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:

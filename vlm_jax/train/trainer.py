@@ -103,11 +103,11 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def state_initializer(
-    model: nn.Module, tx: Any, example_batch: dict, mesh: jax.sharding.Mesh, rules: Any
+    model: nn.Module, task: Any, tx: Any, example_batch: dict, mesh: jax.sharding.Mesh, rules: Any
 ) -> tuple[Any, Any, Any]:
     """(init(rng) -> boxed state, state shardings, abstract state with shardings) for a batch shape."""
     example = {k: jnp.zeros(np.shape(v), np.asarray(v).dtype) for k, v in example_batch.items()}
-    init = functools.partial(state_lib.init_state, model, tx, batch=example)
+    init = functools.partial(state_lib.init_state, model, tx, inputs=task.model_inputs(example))
     # Traced without the mesh: flax would otherwise constrain DenseGeneral kernels while they are
     # still flat. The out_shardings below place the state.
     boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -155,7 +155,7 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
     task = tasks.get(config.task.name)
     tx = optim.make_optimizer(config.optim, total_steps)
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    init, shardings, abstract = state_initializer(model, tx, first_local, mesh, rules)
+    init, shardings, abstract = state_initializer(model, task, tx, first_local, mesh, rules)
 
     checkpointer = Checkpointer(
         workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints

@@ -1,0 +1,77 @@
+"""Convolutional towers: CLIP's ModifiedResNet (BatchNorm state) and the small CNN."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vlm_jax.models import resnet
+
+
+def _key(seed=0):
+    # rbg keys: threefry's random bits take XLA:CPU seconds to compile, most of an init's cost.
+    return jax.random.key(seed, impl="rbg")
+
+
+@functools.cache
+def _jit_apply(module):
+    return jax.jit(module.apply, static_argnames=("method", "train", "mutable"))
+
+
+def _apply(module, variables, *args, **kwargs):
+    # Compiled once per module: eager flax compiles op by op, which is slower on a small CPU.
+    return _jit_apply(module)(variables, *args, **kwargs)
+
+
+def _images(b=2, size=32):
+    return jnp.asarray(np.random.default_rng(0).normal(size=(b, size, size, 3)), jnp.float32)
+
+
+def test_modified_resnet_shapes_and_batch_stats():
+    cfg = ml_collections.ConfigDict(dict(kind="resnet", layers=(1, 2), width=8, heads=2))
+    model = resnet.from_config(cfg, output_dim=12)
+    x = _images(2, 16)  # stem /4, layer2 /2: a 2x2 map
+    variables = jax.jit(model.init)(_key(0), x)
+    assert set(variables) == {"params", "batch_stats"}
+    params = nn.unbox(variables["params"])
+    # Stem widths, stride by avg pool (1x1 convs), 4x expansion, attention pool over 2x2 + mean.
+    assert params["stem_conv1"]["kernel"].shape == (3, 3, 3, 4)
+    assert params["layer2_0"]["conv3"]["kernel"].shape == (1, 1, 16, 64)
+    assert params["layer2_0"]["downsample_conv"]["kernel"].shape == (1, 1, 32, 64)
+    assert "downsample_conv" not in params["layer2_1"]
+    assert params["attnpool"]["pos_embedding"].shape == (5, 64)
+    assert params["attnpool"]["attn"]["out"]["kernel"].shape == (2, 32, 12)
+    out = _apply(model, variables, x)
+    assert out.shape == (2, 12) and out.dtype == jnp.float32
+    out_train, state = _apply(model, variables, x, train=True, mutable=("batch_stats",))
+    before = variables["batch_stats"]["stem_bn1"]["mean"]
+    assert not np.allclose(state["batch_stats"]["stem_bn1"]["mean"], before)
+    assert out_train.shape == (2, 12)
+
+
+def test_small_cnn_has_no_state_and_is_small():
+    model = resnet.from_config(
+        ml_collections.ConfigDict(dict(kind="cnn", channels=(8, 16))), output_dim=10
+    )
+    x = _images(3, 16)
+    variables = jax.jit(model.init)(_key(0), x)
+    assert set(variables) == {"params"}
+    assert _apply(model, variables, x, train=True).shape == (3, 10)
+    nonorm = resnet.SmallCNN(channels=(8, 16), output_dim=10, norm="none")
+    assert "bias" in nn.unbox(jax.jit(nonorm.init)(_key(0), x))["params"]["conv0"]
+
+
+def test_conv_params_have_logical_names():
+    model = resnet.ModifiedResNet(layers=(1, 1, 1, 1), width=8, heads=2, output_dim=4)
+    boxed = jax.eval_shape(model.init, _key(0), _images(1, 32))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(isinstance(p, nn.Partitioned) for p in leaves)
+    assert tuple(nn.get_partition_spec(boxed)["stem_conv1"]["kernel"]) == (
+        None,
+        None,
+        "conv_in",
+        "conv_out",
+    )

@@ -1,0 +1,210 @@
+"""Convolutional image towers: CLIP's ModifiedResNet (Radford et al. 2021) and a small CNN.
+
+ModifiedResNet: a 3-conv stem with average pooling, bottleneck stages that downsample by average
+pooling before the 1x1 expansion (anti-aliased strided convs), and attention pooling of the last
+feature map with a learned positional embedding. Its BatchNorms keep running statistics in the
+"batch_stats" collection: call it with train=True and mutable=["batch_stats"] while training.
+
+SmallCNN: conv 3x3 -> LayerNorm over channels -> ReLU -> 2x2 max pool, per stage, then global mean
+pooling and a projection. No BatchNorm, so it needs no batch_stats; quick on a CPU at 32x32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.layers.attention import MultiHeadAttention
+from vlm_jax.layers.linear import dense
+from vlm_jax.layers.norms import LayerNorm
+
+_CONV_AXES = (None, None, "conv_in", "conv_out")
+
+
+def _conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    use_bias: bool = False,
+    dtype: Any,
+    name: str,
+) -> nn.Conv:
+    """k x k conv with torch-style symmetric padding k//2 (so imported weights line up)."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(2.0, "fan_out", "normal"), _CONV_AXES
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+def _batch_norm(train: bool, dtype: Any, name: str, zero_scale: bool = False) -> nn.BatchNorm:
+    scale_init = nn.initializers.zeros if zero_scale else nn.initializers.ones
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(scale_init, ("conv_out",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
+    return nn.avg_pool(x, (stride, stride), strides=(stride, stride)) if stride > 1 else x
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 -> [avg pool] -> 1x1 (x4) with a residual: [B, H, W, C] -> [B, H/s, W/s, 4p]."""
+
+    planes: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x [B, H, W, C] -> [B, H/stride, W/stride, 4 * planes]."""
+        out_ch = self.planes * 4
+        y = _conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
+        y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
+        y = _conv(self.planes, 3, dtype=self.dtype, name="conv2")(y)
+        y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
+        y = _avg_pool(y, self.stride)
+        y = _conv(out_ch, 1, dtype=self.dtype, name="conv3")(y)
+        # Zero-init last norm: each block starts as the identity, as in CLIP's initialisation.
+        y = _batch_norm(train, self.dtype, "bn3", zero_scale=True)(y)
+        shortcut = x
+        if self.stride > 1 or x.shape[-1] != out_ch:
+            shortcut = _avg_pool(x, self.stride)
+            shortcut = _conv(out_ch, 1, dtype=self.dtype, name="downsample_conv")(shortcut)
+            shortcut = _batch_norm(train, self.dtype, "downsample_bn")(shortcut)
+        return nn.relu(y + shortcut)
+
+
+class AttentionPool(nn.Module):
+    """The mean token (+ positions) attends over the map: [B, H, W, C] -> [B, out_features]."""
+
+    num_heads: int
+    out_features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, H, W, C] -> [B, out_features]."""
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        mean = jnp.mean(x.astype(jnp.float32), axis=1, keepdims=True).astype(x.dtype)
+        x = jnp.concatenate([mean, x], axis=1)
+        pos = self.param(
+            "pos_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(c**-0.5), ("length", "embed")),
+            (h * w + 1, c),
+            jnp.float32,
+        )
+        x = x + pos.astype(x.dtype)
+        out = MultiHeadAttention(
+            self.num_heads, out_features=self.out_features, dtype=self.dtype, name="attn"
+        )(x[:, :1], x)
+        return out[:, 0]
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image tower: images [B, S, S, 3] -> [B, output_dim] (float32)."""
+
+    layers: tuple[int, ...] = (3, 4, 6, 3)
+    width: int = 64
+    heads: int = 32
+    output_dim: int = 1024
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """images [B, S, S, 3] (S divisible by 32) -> [B, output_dim]."""
+        x = images.astype(self.dtype)
+        stem = ((self.width // 2, 2), (self.width // 2, 1), (self.width, 1))
+        for i, (features, stride) in enumerate(stem, start=1):
+            x = _conv(features, 3, stride=stride, dtype=self.dtype, name=f"stem_conv{i}")(x)
+            x = nn.relu(_batch_norm(train, self.dtype, f"stem_bn{i}")(x))
+        x = _avg_pool(x, 2)
+        for i, blocks in enumerate(self.layers):
+            for j in range(blocks):
+                stride = 2 if (i > 0 and j == 0) else 1
+                x = Bottleneck(self.width * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(
+                    x, train
+                )
+        x = nn.with_logical_constraint(x, ("batch", None, None, "conv_out"))
+        return AttentionPool(self.heads, self.output_dim, self.dtype, name="attnpool")(x).astype(
+            jnp.float32
+        )
+
+
+NORMS = ("layer", "none")
+
+
+class SmallCNN(nn.Module):
+    """images [B, H, W, C] -> [B, output_dim] (f32): conv stages, mean pool, projection."""
+
+    channels: tuple[int, ...] = (32, 64, 128, 128)
+    output_dim: int = 128
+    norm: str = "layer"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """images [B, H, W, C] (H, W divisible by 2**len(channels)) -> [B, output_dim]."""
+        del train  # No batch-dependent layers.
+        if self.norm not in NORMS:
+            raise ValueError(f"SmallCNN norm {self.norm!r}: choose one of {NORMS}")
+        x = images.astype(self.dtype)
+        for i, features in enumerate(self.channels):
+            x = _conv(features, 3, use_bias=self.norm == "none", dtype=self.dtype, name=f"conv{i}")(
+                x
+            )
+            if self.norm == "layer":
+                x = LayerNorm(1e-5, self.dtype, axis_name="conv_out", name=f"norm{i}")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        return dense(self.output_dim, ("conv_out", "embed"), dtype=self.dtype, name="proj")(
+            x
+        ).astype(jnp.float32)
+
+
+def from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
+    """ModifiedResNet (kind "resnet") or SmallCNN (kind "cnn") from an image-tower section."""
+    get = lambda key, default: overrides.get(key, cfg.get(key, default))  # noqa: E731
+    kind = get("kind", "resnet")
+    dtype = jnp.dtype(get("dtype", "float32"))
+    if kind == "resnet":
+        width = get("width", 64)
+        return ModifiedResNet(
+            layers=tuple(get("layers", (3, 4, 6, 3))),
+            width=width,
+            heads=get("heads", 32),
+            output_dim=get("output_dim", width * 32),
+            dtype=dtype,
+        )
+    if kind == "cnn":
+        channels = tuple(get("channels", (32, 64, 128, 128)))
+        return SmallCNN(
+            channels=channels,
+            output_dim=get("output_dim", channels[-1]),
+            norm=get("norm", "layer"),
+            dtype=dtype,
+        )
+    raise ValueError(f"resnet.from_config: kind {kind!r} is neither 'resnet' nor 'cnn'")
