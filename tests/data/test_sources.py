@@ -94,8 +94,12 @@ def test_world_source_passes_config_to_tfds_world(monkeypatch):
     monkeypatch.setattr(vlm_jax.data, "tfds_world", fake, raising=False)
     config = base_config()
     config.data.world_seed, config.data.image_size = 5, 24
+    config.data.world_num_examples.validation = 64
     assert sources.make_source(config, "validation") == ["record"]
-    assert calls == [("validation", dict(image_size=24, seed=5, data_dir=None))]
+    split, kw = calls[0]
+    sizes = dict(kw.pop("num_examples"))
+    assert (split, kw) == ("validation", dict(image_size=24, seed=5, data_dir=None))
+    assert sizes == dict(train=50000, validation=64, test=2000)
     config.data.tfds_data_dir = "/tmp/tfds"
     sources.world_source(config, "train")
     assert calls[-1][1]["data_dir"] == "/tmp/tfds"
