@@ -126,3 +126,20 @@ def test_missing_shard_and_pickle_only_dirs(hf_clip, tmp_path):
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="pickled"):
         from_hf(str(pickled))
+
+
+def test_convert_command_writes_config_and_params(hf_clip, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from vlm_jax import config as config_lib
+    from vlm_jax.cli import main
+
+    path, _ = hf_clip
+    out = tmp_path / "converted"
+    assert main(["convert", "--from-hf", str(path), "--out", str(out)]) == 0
+    config = config_lib.from_json((out / "config.json").read_text())
+    assert config.model.embed_dim == 20 and config.model.text.eos_id == EOS
+    restored = ocp.StandardCheckpointer().restore(str(out / "params"))
+    _, params = from_hf(path)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
