@@ -53,7 +53,7 @@ def _print_summary(summary: dict) -> None:
     print()
     print(f"step {summary['step']}" + (" (preempted: saved and stopped)" if summary.get("preempted") else ""))
     for key, value in sorted(summary.get("eval", {}).items()):
-        print(f"  {key:32s} {value:.4f}")
+        print(f"  {key:36s} {value:.4f}")
     if "metrics_path" in summary:
         print(f"metrics:     {summary['metrics_path']}")
         print(f"tensorboard: tensorboard --logdir {summary['tensorboard_dir']}")

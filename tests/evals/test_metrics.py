@@ -46,3 +46,14 @@ def test_zero_shot_metrics_and_prompt_ensembling():
     assert m["zero_shot_top1"] == 0.75
     assert m["zero_shot_top1_heldout"] == 0.5 and m["zero_shot_top1_seen"] == 1.0
     assert m["zero_shot_top5"] == 1.0
+
+
+def test_zero_shot_split_by_object_count():
+    classes = np.eye(3)
+    images = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 0, 0]])
+    labels = np.array([0, 1, 1, 2])
+    held = np.array([True, False, True, False])
+    m = zero_shot_metrics(images, classes, labels, held, num_objects=np.array([1, 1, 2, 3]))
+    assert m["zero_shot_top1_single"] == 1.0 and m["zero_shot_top1_multi"] == 0.0
+    assert m["zero_shot_top1_single_heldout"] == 1.0 and m["zero_shot_top1_multi_heldout"] == 0.0
+    assert m["zero_shot_top1_heldout"] == 0.5 and m["zero_shot_top1_seen"] == 0.5

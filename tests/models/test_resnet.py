@@ -75,3 +75,15 @@ def test_conv_params_have_logical_names():
         "conv_in",
         "conv_out",
     )
+
+
+def test_small_cnn_flatten_head_keeps_the_grid():
+    x = _images(2, 16)
+    flat = resnet.SmallCNN(channels=(8, 16), output_dim=10, pool="flatten")
+    params = nn.unbox(jax.jit(flat.init)(_key(0), x))["params"]
+    # 16x16 input, two 2x downsamplings: a 4x4 grid of 16 channels feeds the projection.
+    assert params["proj"]["kernel"].shape == (4 * 4 * 16, 10)
+    assert _apply(flat, {"params": params}, x).shape == (2, 10)
+    bad = resnet.SmallCNN(channels=(8,), output_dim=10, pool="max")
+    with np.testing.assert_raises_regex(ValueError, "choose mean or flatten"):
+        jax.jit(bad.init)(_key(0), x)

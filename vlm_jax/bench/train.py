@@ -31,8 +31,7 @@ from vlm_jax.layers.transformer import mlp_dim_from
 from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.train import optim
-from vlm_jax.train import state as state_lib
-from vlm_jax.train.trainer import sharding_context, state_initializer
+from vlm_jax.train.trainer import jit_train_step, sharding_context, state_initializer
 
 # Our activation names -> Hugging Face's ACT2FN names.
 _HF_ACTS = dict(gelu="gelu", gelu_tanh="gelu_pytorch_tanh", quick_gelu="quick_gelu", relu="relu",
@@ -122,16 +121,9 @@ def bench_ours(
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init, shardings, abstract = state_initializer(model, task, tx, batch, mesh, rules)
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
-    # Mirrors trainer._train's jit (shardings and donation); keep the two in step.
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = state_lib.make_train_step(model, task.loss_fn, tx, config)
-    with sharding_context(mesh, rules):
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(shardings, hosts.batch_shardings(batch, mesh, rules), replicated),
-            out_shardings=(shardings, replicated),
-            donate_argnums=(0,),
-        )
+    train_step = jit_train_step(
+        model, task, tx, config, mesh, shardings, hosts.batch_shardings(batch, mesh, rules)
+    )
     global_batch = hosts.global_batch(batch, mesh, rules)
     holder = {"state": state}
 

@@ -74,7 +74,9 @@ class Evaluator:
             classes = class_embeddings(
                 lambda t: self._encode_text(params, model_state, t), self.class_names, self.templates
             )
-            out.update(zero_shot_metrics(image_embeds, classes, labels, held_out))
+            out.update(
+                zero_shot_metrics(image_embeds, classes, labels, held_out, data.get("num_objects"))
+            )
         if "retrieval" in self.kinds:
             # Every caption of every image, flattened; caption_owner maps each back to its image.
             text_embeds = self._texts(params, model_state, data["tokens"])

@@ -19,16 +19,31 @@ def class_embeddings(
 
 
 def zero_shot_metrics(
-    image_embeds: np.ndarray, class_embeds: np.ndarray, labels: np.ndarray, held_out: np.ndarray | None
+    image_embeds: np.ndarray,
+    class_embeds: np.ndarray,
+    labels: np.ndarray,
+    held_out: np.ndarray | None = None,
+    num_objects: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy [N,E] x [C,E] vs labels [N]; split by held-out pair when given."""
+    """Top-1/top-5 accuracy of images [N,E] against classes [C,E] for labels [N].
+
+    With held_out [N] (the label is a held-out pair) the top-1 is also split into heldout/seen;
+    with num_objects [N] it is split into single-object scenes (where the class names the whole
+    image) and multi-object ones (where it names only the main object among others).
+    """
     logits = l2_normalize(image_embeds) @ class_embeds.T
     top5 = np.argsort(-logits, axis=1)[:, :5]
     hit1 = top5[:, 0] == labels
     hit5 = (top5 == labels[:, None]).any(axis=1)
     out = {"zero_shot_top1": float(hit1.mean()), "zero_shot_top5": float(hit5.mean())}
-    if held_out is not None and held_out.any():
-        out["zero_shot_top1_heldout"] = float(hit1[held_out].mean())
-    if held_out is not None and (~held_out).any():
-        out["zero_shot_top1_seen"] = float(hit1[~held_out].mean())
+    groups = {"": np.ones_like(hit1)}
+    if num_objects is not None:
+        groups.update({"_single": num_objects == 1, "_multi": num_objects > 1})
+    for suffix, members in groups.items():
+        if suffix and members.any():
+            out[f"zero_shot_top1{suffix}"] = float(hit1[members].mean())
+        if held_out is not None:
+            for name, part in (("heldout", held_out), ("seen", ~held_out)):
+                if (members & part).any():
+                    out[f"zero_shot_top1{suffix}_{name}"] = float(hit1[members & part].mean())
     return out

@@ -163,6 +163,7 @@ class SmallCNN(nn.Module):
     channels: tuple[int, ...] = (32, 64, 128, 128)
     output_dim: int = 128
     norm: str = "layer"
+    pool: str = "mean"  # mean: global average; flatten: keep the final grid (where things are)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -179,7 +180,12 @@ class SmallCNN(nn.Module):
             if self.norm == "layer":
                 x = LayerNorm(1e-5, self.dtype, axis_name="conv_out", name=f"norm{i}")(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        if self.pool == "flatten":
+            x = x.reshape(x.shape[0], -1)
+        elif self.pool == "mean":
+            x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        else:
+            raise ValueError(f"SmallCNN pool {self.pool!r}: choose mean or flatten")
         return dense(self.output_dim, ("conv_out", "embed"), dtype=self.dtype, name="proj")(
             x
         ).astype(jnp.float32)
@@ -205,6 +211,7 @@ def from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
             channels=channels,
             output_dim=get("output_dim", channels[-1]),
             norm=get("norm", "layer"),
+            pool=get("pool", "mean"),
             dtype=dtype,
         )
     raise ValueError(f"resnet.from_config: kind {kind!r} is neither 'resnet' nor 'cnn'")

@@ -31,7 +31,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     model = models.build(config)
     tx = optim.make_optimizer(config.optim, int(config.train.steps))
     task = tasks.get(config.task.name)
-    _, _, abstract = state_initializer(model, task, tx, next(batches), mesh, config.sharding_rules)
+    with batches:  # Only its first batch's shapes are needed.
+        example = next(batches)
+    _, _, abstract = state_initializer(model, task, tx, example, mesh, config.sharding_rules)
     state, _ = checkpointer.restore(step, abstract)
     checkpointer.close()
     results = {}

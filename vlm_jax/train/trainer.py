@@ -115,6 +115,26 @@ def state_initializer(
     return init, shardings, _with_shardings(nn.meta.unbox(boxed), shardings)
 
 
+def jit_train_step(
+    model: nn.Module,
+    task: Any,
+    tx: Any,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    state_shardings: Any,
+    batch_shardings: Any,
+):
+    """The jitted (state, batch, rng) -> (state, metrics) with explicit shardings; state donated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = state_lib.make_train_step(model, task.loss_fn, tx, config)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -170,15 +190,7 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
         start = 0
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = state_lib.make_train_step(model, task.loss_fn, tx, config)
-    with sharding_context(mesh, rules):
-        train_step = jax.jit(
-            step_fn,
-            in_shardings=(shardings, batch_shardings, replicated),
-            out_shardings=(shardings, replicated),
-            donate_argnums=(0,),
-        )
+    train_step = jit_train_step(model, task, tx, config, mesh, shardings, batch_shardings)
 
     evaluators = evals.build(config, model, tokenizer, mesh)
     writer = MetricWriter(workdir, enabled=is_main)
@@ -203,48 +215,53 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
 
     step, eval_results, train_metrics = start, {}, {}
     nonfinite = _NonFiniteGuard(int(config.train.get("max_nonfinite_steps", 5)), is_main)
+    lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)
     t_log, step_log = time.perf_counter(), start
     preempted = False
-    while step < total_steps:
-        local = first_local if first_local is not None else next(batches)
-        first_local = None
-        batch = hosts.global_batch(local, mesh, rules)
-        with sharding_context(mesh, rules):
-            state, metrics = train_step(state, batch, step_rng)
-        step += 1
-        # Checks the previous step's verdict, so the host never waits on the step just queued.
-        nonfinite.observe(step, metrics)
-        progress.update(step, float(metrics["loss"]) if step % 10 == 0 else None)
-        if step % config.train.log_every == 0 or step == total_steps:
-            now = time.perf_counter()
-            rate = (step - step_log) / max(now - t_log, 1e-9)
-            t_log, step_log = now, step
-            train_metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-            train_metrics.update(
-                {
-                    "train/steps_per_sec": rate,
-                    "train/examples_per_sec": rate * config.data.batch_size,
-                    "train/lr": float(optim.learning_rate_schedule(config.optim, total_steps)(step)),
-                }
-            )
-            train_metrics.update(batches.stats())
-            writer.write(step, train_metrics)
-        if evaluators and config.train.eval_every and step % config.train.eval_every == 0:
-            if step != total_steps:
-                eval_results = run_evals(step)
-        if step % config.train.ckpt_every == 0 and step != total_steps:
-            save(step)
-        if preemption.requested or (stop_at_step is not None and step >= stop_at_step):
-            preempted = True
-            break
-    nonfinite.flush()
-    progress.close()
-    if checkpointer.latest_step() != step:
-        save(step, force=True)
-    if not preempted or step == total_steps:
-        eval_results = run_evals(step)
-    checkpointer.close()
-    writer.close()
+    try:
+        while step < total_steps:
+            local = first_local if first_local is not None else next(batches)
+            first_local = None
+            batch = hosts.global_batch(local, mesh, rules)
+            with sharding_context(mesh, rules):
+                state, metrics = train_step(state, batch, step_rng)
+            step += 1
+            # Checks the previous step's verdict, so the host never waits on the step just queued.
+            nonfinite.observe(step, metrics)
+            progress.update(step, float(metrics["loss"]) if step % 10 == 0 else None)
+            if step % config.train.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                train_metrics = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
+                train_metrics.update(
+                    {
+                        "train/steps_per_sec": rate,
+                        "train/examples_per_sec": rate * config.data.batch_size,
+                        "train/lr": float(lr_schedule(step)),
+                    }
+                )
+                train_metrics.update(batches.stats())
+                writer.write(step, train_metrics)
+            if evaluators and config.train.eval_every and step % config.train.eval_every == 0:
+                if step != total_steps:
+                    eval_results = run_evals(step)
+            if step % config.train.ckpt_every == 0 and step != total_steps:
+                save(step)
+            if preemption.requested or (stop_at_step is not None and step >= stop_at_step):
+                preempted = True
+                break
+        nonfinite.flush()
+        progress.close()
+        if checkpointer.latest_step() != step:
+            save(step, force=True)
+        if not preempted or step == total_steps:
+            eval_results = run_evals(step)
+    finally:
+        # Pending async saves finish, and files and workers close, even when the loop raised.
+        checkpointer.close()
+        writer.close()
+        batches.close()
     return {
         "step": step,
         "finished": step >= total_steps,

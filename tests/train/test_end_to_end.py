@@ -1,0 +1,125 @@
+"""Small whole runs through the trainer: they learn, and the config switches do what they say."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax.cli import main
+from vlm_jax.train.metrics import read_metrics
+from vlm_jax.train.trainer import train
+
+
+def _losses(workdir):
+    return [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
+
+
+def _shrunk_vit(world_cache, **overrides):
+    config = config_lib.load(
+        "configs/vit.py:tiny",
+        {
+            "data.tfds_data_dir": str(world_cache / "tfds"),
+            "data.batch_size": 32,
+            "tokenizer.path": str(world_cache / "tokenizer.model"),
+            "model.width": 32,
+            "model.depth": 2,
+            "model.heads": 2,
+            "model.mlp_dim": 64,
+            "optim.warmup_steps": 5,
+            "train.log_every": 1,
+            "train.eval_every": 0,
+            "train.ckpt_every": 1000,
+            "train.progress": False,
+            "train.async_checkpoints": False,
+            **overrides,
+        },
+    )
+    with config.unlocked():
+        config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
+        config.evals.val.num_examples = 64
+    return config
+
+
+def test_tiny_clip_learns_and_reports_evals(tiny_clip_config, tmp_path):
+    config = tiny_clip_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train.steps = 150
+        config.optim.warmup_steps = 10
+        config.evals = ml_collections.ConfigDict(
+            dict(val=dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=64))
+        )
+    summary = train(config, str(tmp_path / "clip"))
+    losses = _losses(tmp_path / "clip")
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    ev = summary["eval"]
+    # Chance is 1/48 for zero-shot and 1/64 for retrieval@1 over 64 images.
+    assert ev["val/zero_shot_top1_seen"] > 0.15
+    assert ev["val/i2t_r1"] > 0.1 and ev["val/t2i_r10"] > 0.3
+    assert {"val/zero_shot_top1_heldout", "val/i2t_r5", "val/t2i_r1"} <= set(ev)
+    logged = [r for r in read_metrics(tmp_path / "clip") if "val/zero_shot_top1" in r]
+    assert logged and logged[-1]["step"] == 150
+
+
+def test_tiny_vit_classifier_learns(world_cache, tmp_path):
+    config = _shrunk_vit(world_cache, **{"train.steps": 120, "optim.lr": 3e-3})
+    summary = train(config, str(tmp_path / "vit"))
+    losses = _losses(tmp_path / "vit")
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+    assert summary["eval"]["val/accuracy"] > 0.1  # chance: 1/48
+
+
+def test_gradient_accumulation_matches_the_full_batch(world_cache, tmp_path):
+    # Classification's loss is a mean over examples, so two half batches give the full batch's step.
+    full = _shrunk_vit(world_cache, **{"train.steps": 3})
+    accum = _shrunk_vit(world_cache, **{"train.steps": 3, "optim.accum_steps": 2})
+    for c in (full, accum):
+        with c.unlocked():
+            c.evals = ml_collections.ConfigDict()
+    train(full, str(tmp_path / "full"))
+    train(accum, str(tmp_path / "accum"))
+    np.testing.assert_allclose(_losses(tmp_path / "full"), _losses(tmp_path / "accum"), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model.loss": "sigmoid", "model.logit_scale_init": float(np.log(10.0))},
+        {"model.dtype": "bfloat16"},
+        {"model.scan_layers": True, "model.remat": "full"},
+    ],
+    ids=["sigmoid", "bf16", "scan_remat"],
+)
+def test_config_switches_train(tiny_clip_config, tmp_path, overrides):
+    config = tiny_clip_config.copy_and_resolve_references()
+    config_lib.apply_overrides(config, dict(overrides, **{"train.steps": 8}))
+    summary = train(config, str(tmp_path / "run"))
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 8 and np.all(np.isfinite(losses))
+    assert losses[-1] < losses[0]
+    assert summary["finished"]
+
+
+def test_cli_train_then_eval_then_preview(tiny_clip_config, tmp_path, capsys):
+    config = tiny_clip_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train.steps = 3
+        config.evals = ml_collections.ConfigDict(
+            dict(val=dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=32))
+        )
+    spec = tmp_path / "cfg.py"
+    spec.write_text(
+        "import ml_collections\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
+    )
+    workdir = str(tmp_path / "run")
+    assert main(["train", "--config", str(spec), "--workdir", workdir, "--config.optim.lr=2e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "val/zero_shot_top1" in out and "val/i2t_r1" in out and "checkpoints:" in out
+    assert main(["eval", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    assert "step 3" in out and "val/t2i_r5" in out
+    png = tmp_path / "preview.png"
+    assert main(["data", "preview", "--config", str(spec), "--out", str(png), "--num", "4"]) == 0
+    assert png.exists() and png.stat().st_size > 1000
+    assert main(["train", "--config", str(spec), "--workdir", workdir, "--config.optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
