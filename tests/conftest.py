@@ -35,6 +35,8 @@ def tiny_clip_config(world_cache):
             "data.batch_size": 16,
             "tokenizer.path": str(world_cache / "tokenizer.model"),
             "model.image.channels": (8, 16, 16, 16),
+            # Mean pooling: at these widths it learns faster in a few steps than the flatten head.
+            "model.image.pool": "mean",
             "model.text.width": 32,
             "model.text.heads": 2,
             "model.embed_dim": 32,

@@ -68,7 +68,7 @@ def test_checkpoint_of_the_wrong_shape_is_a_clear_error(tiny_clip_config, tmp_pa
     with pytest.raises(CheckpointMismatchError, match="does not fit") as err:
         train(config, str(tmp_path / "run"))
     # It names the arrays that differ (and only those: the text tower's shapes did not change).
-    assert "params/image/proj/kernel: checkpoint (16, 32) vs model (16, 48)" in str(err.value)
+    assert "params/text_projection/kernel: checkpoint (32, 32) vs model (32, 48)" in str(err.value)
     assert "params/text/token_embedding" not in str(err.value)
 
 

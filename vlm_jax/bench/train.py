@@ -229,6 +229,8 @@ def _build_cnn_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, s
     image = config.model.image
     channels = tuple(int(c) for c in image.get("channels", (32, 64, 128, 128)))
     norm = image.get("norm", "layer")
+    pool = image.get("pool", "mean")
+    grid = (int(config.data.image_size) // 2 ** len(channels)) ** 2
     # models.clip builds the CNN with output_dim = embed_dim.
     output_dim = int(config.model.embed_dim)
 
@@ -244,7 +246,7 @@ def _build_cnn_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, s
                 self.norms.append(torch.nn.LayerNorm(c, eps=1e-5) if norm == "layer" else
                                   torch.nn.Identity())
                 c_in = c
-            self.proj = torch.nn.Linear(c_in, output_dim)
+            self.proj = torch.nn.Linear(c_in * grid if pool == "flatten" else c_in, output_dim)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             for conv, layer_norm in zip(self.convs, self.norms):
@@ -252,6 +254,8 @@ def _build_cnn_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, s
                 # is free, so torch is not charged for a layout copy.
                 x = layer_norm(conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
                 x = F.max_pool2d(F.relu(x), 2)
+            if pool == "flatten":  # In our NHWC order, so the projection sees the same features.
+                return self.proj(x.permute(0, 2, 3, 1).flatten(1))
             return self.proj(x.mean(dim=(2, 3)))
 
     class CnnClip(torch.nn.Module):
