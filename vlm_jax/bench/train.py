@@ -121,10 +121,9 @@ def bench_ours(
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init, shardings, abstract = state_initializer(model, task, tx, batch, mesh, rules)
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
-    train_step = jit_train_step(
-        model, task, tx, config, mesh, shardings, hosts.batch_shardings(batch, mesh, rules)
-    )
-    global_batch = hosts.global_batch(batch, mesh, rules)
+    batch_shardings = hosts.batch_shardings(batch, mesh, rules)
+    train_step = jit_train_step(model, task, tx, config, mesh, shardings, batch_shardings)
+    global_batch = hosts.global_batch(batch, batch_shardings)
     holder = {"state": state}
 
     def one_step() -> None:

@@ -40,7 +40,7 @@ class Evaluator:
         if unknown:
             raise ValueError(f"evaluator {name!r}: unknown kinds {sorted(unknown)}; known: {KINDS}")
         self.name, self.kinds = name, tuple(eval_cfg.kinds)
-        self.tokenizer, self.text_length = tokenizer, config.data.text_length
+        self.text_length = config.data.text_length
         self.data = pipeline.eval_data(config, eval_cfg.split, eval_cfg.num_examples, tokenizer)
         batch = eval_cfg.get("batch_size", 256)
         rules = config.sharding_rules
@@ -55,10 +55,12 @@ class Evaluator:
             from vlm_jax.data import world
 
             self.class_names, self.templates = tuple(world.CLASS_NAMES), tuple(world.PROMPT_TEMPLATES)
+        # Prompts are tokenised once; each evaluation only re-embeds them.
+        self._prompt_tokens = {}
+        if "zero_shot" in self.kinds:
+            prompts = [t.format(c) for c in self.class_names for t in self.templates]
+            self._prompt_tokens = dict(zip(prompts, tokenizer.tokenize(prompts, self.text_length)))
 
-    def _encode_text(self, params, model_state, texts) -> np.ndarray:
-        tokens = self.tokenizer.tokenize(list(texts), self.text_length)
-        return self._texts(params, model_state, tokens)
 
     def __call__(self, params: Any, model_state: dict | None = None) -> dict[str, float]:
         """Metrics named '<evaluator>/<metric>'."""
@@ -72,7 +74,11 @@ class Evaluator:
             if labels is None:
                 raise ValueError(f"evaluator {self.name!r}: zero_shot needs labelled data")
             classes = class_embeddings(
-                lambda t: self._encode_text(params, model_state, t), self.class_names, self.templates
+                lambda texts: self._texts(
+                    params, model_state, np.stack([self._prompt_tokens[t] for t in texts])
+                ),
+                self.class_names,
+                self.templates,
             )
             out.update(
                 zero_shot_metrics(image_embeds, classes, labels, held_out, data.get("num_objects"))

@@ -222,7 +222,7 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
         while step < total_steps:
             local = first_local if first_local is not None else next(batches)
             first_local = None
-            batch = hosts.global_batch(local, mesh, rules)
+            batch = hosts.global_batch(local, batch_shardings)
             with sharding_context(mesh, rules):
                 state, metrics = train_step(state, batch, step_rng)
             step += 1
