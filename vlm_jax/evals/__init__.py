@@ -52,6 +52,11 @@ class Evaluator:
         self.class_names = tuple(eval_cfg.get("class_names", ()))
         self.templates = tuple(eval_cfg.get("templates", ()))
         if "zero_shot" in self.kinds and not self.class_names:
+            if config.data.source != "world":
+                raise ValueError(
+                    f"evaluator {name!r}: zero_shot on {config.data.source!r} data needs "
+                    "class_names and templates in its config"
+                )
             from vlm_jax.data import world
 
             self.class_names, self.templates = tuple(world.CLASS_NAMES), tuple(world.PROMPT_TEMPLATES)
