@@ -1,0 +1,719 @@
+"""Flash attention for GPUs written in Pallas (Triton lowering): forward and backward kernels.
+
+Layout [batch, length, heads, head_dim], as `jax.nn.dot_product_attention`; k/v may have fewer heads
+than q (grouped / multi-query attention: query head h reads kv head h // (H // Hkv), as the reference).
+
+Algorithm (FlashAttention-2):
+
+* forward, grid (q blocks, batch, heads): one program holds a [block_q, D] tile of q and streams kv
+  tiles through an online softmax in float32 (base-2 exponentials, the scale folded into log2(e)).
+  It writes the output and the per-row logsumexp (base 2), the only residual besides q, k, v, out.
+* backward, two kernels that need no atomics: dq with grid (q blocks, batch, heads) streaming kv
+  tiles; dk/dv with grid (kv blocks, batch, kv heads) streaming q tiles of every query head in the
+  group, so grouped-query gradients are summed in registers. delta = rowsum(out * dout) is one fused
+  XLA reduction before them.
+* causal: queries are the last q_len positions of the kv sequence (decode with a cache). Tiles
+  entirely above the diagonal are never visited; tiles entirely below it take a mask-free loop, so
+  only the diagonal tiles (and the tail tile, and every tile when segment ids are given) pay for the
+  mask. Causal programs are launched heaviest first for a better tail of the wave.
+
+Lengths that are not a multiple of the tiles are zero-padded outside the kernels and the padded keys
+masked inside; head dims that are not a power of two (Triton needs one) are zero-padded to the next.
+Aligned shapes (the common case) are passed through without a copy.
+
+Masking uses a large finite negative logit for masked (causal/segment) keys and -inf for padded keys.
+A query that may attend to no key at all (possible only with segment ids) therefore gets the mean of
+the values it visits, and the matching gradients, as the reference does with finfo.min. That is
+exact without causal; with causal + segment ids only tiles left of the diagonal are visited, so such
+rows (which attend to nothing) differ from the reference. Causal with Tq > Tk is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# The Triton compiler-params class was `TritonCompilerParams` before it became `CompilerParams`.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16  # tl.dot needs every matmul dimension >= 16.
+
+_LOG2E = math.log2(math.e)
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # causal/segment-masked logit (finite)
+_PADDED = float("-inf")  # logit of a padded key: never contributes
+_M_INIT = float(jnp.finfo(jnp.float32).min)  # running max before any key: below _MASKED, finite
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes (powers of two >= 16) and Triton launch parameters of the three kernels."""
+
+    block_q: int
+    block_k: int
+    block_q_dkv: int
+    block_k_dkv: int
+    block_q_dq: int
+    block_k_dq: int
+    num_warps: int
+    num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
+
+
+def default_tiles(head_dim: int, dtype: Any) -> Tiles:
+    """H100 defaults per (padded) head dim and dtype.
+
+    Forward: 128 query rows x 64 keys for 16-bit D<=128 (the FlashAttention-2 Triton choice; shared
+    memory holds q plus num_stages kv tiles). Backward: dk/dv programs own 128 keys and stream 32
+    query rows, dq programs own 128 query rows and stream 32 keys (the Triton fused-attention
+    tutorial's split). D=256 and float32 (twice the bytes) halve the tiles to stay in shared memory
+    and registers. Not autotuned here: pass explicit sizes to `mha` to tune.
+    """
+    d = _padded_head_dim(head_dim)
+    if d <= 64:
+        tiles = dict(fwd=(128, 64), dkv=(32, 128), dq=(128, 32), warps=(4, 4), stages=(3, 3))
+    elif d <= 128:
+        tiles = dict(fwd=(128, 64), dkv=(32, 128), dq=(128, 32), warps=(8, 8), stages=(3, 2))
+    else:
+        tiles = dict(fwd=(64, 32), dkv=(32, 64), dq=(64, 32), warps=(8, 8), stages=(2, 1))
+    if jnp.dtype(dtype) == jnp.float32:
+        tiles["fwd"] = tuple(max(MIN_BLOCK, b // 2) for b in tiles["fwd"])
+        tiles["dkv"] = tuple(max(MIN_BLOCK, b // 2) for b in tiles["dkv"])
+        tiles["dq"] = tuple(max(MIN_BLOCK, b // 2) for b in tiles["dq"])
+        tiles["stages"] = (2, min(2, tiles["stages"][1]))
+    return Tiles(
+        *tiles["fwd"], *tiles["dkv"], *tiles["dq"],
+        num_warps=tiles["warps"][0], num_stages=tiles["stages"][0],
+        num_warps_bwd=tiles["warps"][1], num_stages_bwd=tiles["stages"][1],
+    )
+
+
+@dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: the custom_vjp's non-differentiable arg)."""
+
+    causal: bool
+    sm_scale: float
+    q_len: int  # true lengths; the arrays the kernels see are padded
+    kv_len: int
+    groups: int  # query heads per kv head
+    tiles: Tiles
+    interpret: bool
+    poison: bool
+
+    @property
+    def offset(self) -> int:
+        """Position of query row 0 in the kv sequence (causal: queries are the last q_len keys)."""
+        return self.kv_len - self.q_len
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    return max(MIN_BLOCK, pl.next_power_of_2(head_dim))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _clamp_block(block: int, length: int) -> int:
+    """A power of two >= 16, no larger than needed for `length`."""
+    if block < MIN_BLOCK or block & (block - 1):
+        raise ValueError(f"block sizes must be powers of two >= {MIN_BLOCK}, got {block}")
+    return min(block, max(MIN_BLOCK, pl.next_power_of_2(length)))
+
+
+def unsupported_reason(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> str | None:
+    """Why `mha` cannot do this call, or None when it can (shapes and dtypes only, not the backend)."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"q, k, v must be [batch, length, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+    if len(dtypes) != 1:
+        return f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not one of float16, bfloat16, float32"
+    b, tq, h, d = q.shape
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {k.shape} and {v.shape}"
+    if k.shape[0] != b or k.shape[3] != d:
+        return f"k/v {k.shape} do not match q {q.shape} in batch or head_dim"
+    tk, hkv = k.shape[1], k.shape[2]
+    if min(tq, tk, h, hkv, d) < 1:
+        return "empty dimension"
+    if h % hkv:
+        return f"query heads {h} must be a multiple of kv heads {hkv}"
+    if d > MAX_HEAD_DIM:
+        return f"head_dim {d} > {MAX_HEAD_DIM} (the tiles would not fit in shared memory)"
+    if causal and tq > tk:
+        return f"causal with more queries ({tq}) than keys ({tk}): the first rows would attend to nothing"
+    if segment_ids is None and kv_segment_ids is not None:
+        return "kv_segment_ids without segment_ids"
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (b, tq):
+            return f"segment_ids must be [batch, q_len] = {(b, tq)}, got {segment_ids.shape}"
+        if kv_segment_ids is None and tq != tk:
+            return "segment_ids with q and kv of different lengths needs kv_segment_ids"
+        if kv_segment_ids is not None and tuple(kv_segment_ids.shape) != (b, tk):
+            return f"kv_segment_ids must be [batch, kv_len] = {(b, tk)}, got {kv_segment_ids.shape}"
+        for s in (segment_ids, kv_segment_ids):
+            if s is not None and not jnp.issubdtype(s.dtype, jnp.integer):
+                return f"segment ids must be integers, got {s.dtype}"
+    return None
+
+
+def mha(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    sm_scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    block_q_dkv: int | None = None,
+    block_k_dkv: int | None = None,
+    block_q_dq: int | None = None,
+    block_k_dq: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    num_warps_bwd: int | None = None,
+    num_stages_bwd: int | None = None,
+    interpret: bool = False,
+    poison_outputs: bool = False,
+) -> jax.Array:
+    """Flash attention, q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> [B, Tq, H, D]; differentiable.
+
+    Args:
+      causal: query i sits at kv position i + Tk - Tq and sees keys at positions <= its own.
+      segment_ids: [B, Tq] ints; a query sees only keys of its segment (packed sequences).
+      kv_segment_ids: [B, Tk]; defaults to segment_ids (then Tq must equal Tk).
+      sm_scale: logit scale, default D ** -0.5.
+      block_q, block_k: forward tiles (query rows x keys). Given alone, they also set the backward
+        tiles; block_{q,k}_{dkv,dq} set those of the dk/dv and dq kernels. None: `default_tiles`.
+        All are powers of two >= 16, shrunk for short sequences.
+      num_warps, num_stages: Triton launch parameters of the forward kernel; *_bwd: of the backward
+        kernels. Ignored in interpret mode.
+      interpret: run the kernels in the Pallas interpreter (any backend; how the tests run).
+      poison_outputs: testing aid: kernel outputs start as NaN (aliased NaN inputs), so an element a
+        kernel never writes shows up as NaN instead of stale memory.
+    """
+    reason = unsupported_reason(
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+    )
+    if reason is not None:
+        raise ValueError(f"pallas_gpu attention cannot do this call: {reason}")
+    _, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    defaults = default_tiles(d, q.dtype)
+
+    def pick(value: int | None, fallback: int | None, default: int) -> int:
+        return value if value is not None else fallback if fallback is not None else default
+
+    tiles = Tiles(
+        block_q=_clamp_block(pick(block_q, None, defaults.block_q), tq),
+        block_k=_clamp_block(pick(block_k, None, defaults.block_k), tk),
+        block_q_dkv=_clamp_block(pick(block_q_dkv, block_q, defaults.block_q_dkv), tq),
+        block_k_dkv=_clamp_block(pick(block_k_dkv, block_k, defaults.block_k_dkv), tk),
+        block_q_dq=_clamp_block(pick(block_q_dq, block_q, defaults.block_q_dq), tq),
+        block_k_dq=_clamp_block(pick(block_k_dq, block_k, defaults.block_k_dq), tk),
+        num_warps=pick(num_warps, None, defaults.num_warps),
+        num_stages=pick(num_stages, None, defaults.num_stages),
+        num_warps_bwd=pick(num_warps_bwd, None, defaults.num_warps_bwd),
+        num_stages_bwd=pick(num_stages_bwd, None, defaults.num_stages_bwd),
+    )
+    st = _Static(
+        causal=bool(causal),
+        sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
+        q_len=tq,
+        kv_len=tk,
+        groups=h // hkv,
+        tiles=tiles,
+        interpret=bool(interpret),
+        poison=bool(poison_outputs),
+    )
+
+    # Pad lengths to a multiple of every tile that walks them, and head_dim to a power of two.
+    tq_pad = _round_up(tq, max(tiles.block_q, tiles.block_q_dkv, tiles.block_q_dq))
+    tk_pad = _round_up(tk, max(tiles.block_k, tiles.block_k_dkv, tiles.block_k_dq))
+    d_pad = _padded_head_dim(d)
+
+    def pad(x: jax.Array, length: int) -> jax.Array:
+        widths = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d))
+        return jnp.pad(x, widths) if any(w[1] for w in widths) else x
+
+    def pad_ids(s: jax.Array | None, length: int) -> jax.Array | None:
+        if s is None:
+            return None
+        s = s.astype(jnp.int32)
+        return jnp.pad(s, ((0, 0), (0, length - s.shape[1]))) if length != s.shape[1] else s
+
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    out = _flash(
+        pad(q, tq_pad),
+        pad(k, tk_pad),
+        pad(v, tk_pad),
+        pad_ids(segment_ids, tq_pad),
+        pad_ids(kv_segment_ids, tk_pad),
+        st,
+    )
+    if (tq_pad, d_pad) != (tq, d):
+        out = out[:, :tq, :, :d]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel building blocks.
+
+
+def _dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """a @ b (or a @ b.T) with float32 accumulation; lowers to tl.dot."""
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _mask_logits(
+    s: jax.Array,
+    *,
+    q_pos: jax.Array | None,
+    kv_pos: jax.Array,
+    q_ids: jax.Array | None,
+    kv_ids: jax.Array | None,
+    kv_len: int | None,
+    transposed: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Mask logits s [rows, cols] (transposed: rows are keys). Returns (masked s, the causal/segment
+    validity or None). Keys at positions >= kv_len (padding) get -inf; kv_len None: no padding."""
+
+    def outer(a: jax.Array, b: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+        # a indexes queries, b keys; the result is laid out like s.
+        return op(a[None, :], b[:, None]) if transposed else op(a[:, None], b[None, :])
+
+    valid = None
+    if q_pos is not None:
+        valid = outer(q_pos, kv_pos, lambda qp, kp: kp <= qp)
+    if q_ids is not None:
+        same = outer(q_ids, kv_ids, lambda a, b: a == b)
+        valid = same if valid is None else jnp.logical_and(valid, same)
+    if valid is not None:
+        s = jnp.where(valid, s, _MASKED)
+    if kv_len is not None:
+        in_range = (kv_pos[:, None] if transposed else kv_pos[None, :]) < kv_len
+        s = jnp.where(in_range, s, _PADDED)
+    return s, valid
+
+
+def _causal_kv_range(st: _Static, q_block: jax.Array, bq: int, bk: int, segments: bool):
+    """Key tiles a query tile visits: [0, full) need no causal mask, [full, end) need the mask.
+
+    Without causal, every tile is visited and only the tail tile (or all, with segment ids) is
+    masked. Bounds are ints when static, traced int32 otherwise.
+    """
+    n_kv = pl.cdiv(st.kv_len, bk)
+    tail = st.kv_len % bk != 0
+    if not st.causal:
+        full = 0 if segments else st.kv_len // bk
+        return full, n_kv
+    first_row = q_block * bq + st.offset  # kv position of the tile's first query row
+    end = jnp.minimum(n_kv, lax.div(first_row + bq - 1, bk) + 1)
+    if segments:
+        return 0, end
+    full = lax.div(first_row + 1, bk)  # tiles whose last key <= the first query's position
+    if tail:
+        full = jnp.minimum(full, st.kv_len // bk)
+    return jnp.minimum(full, end), end
+
+
+def _fori(lo: Any, hi: Any, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+    """fori_loop that drops statically empty ranges."""
+    if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
+        return carry
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+def _q_block_index(st: _Static, n_q_blocks: int) -> Callable[[jax.Array], jax.Array]:
+    """Grid index -> query tile. Causal runs the heaviest (last) query tiles first."""
+    if st.causal:
+        return lambda i: n_q_blocks - 1 - i
+    return lambda i: i
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None:
+    if segments:
+        q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        q_ids_ref = kv_ids_ref = None
+    bq, bk = st.tiles.block_q, st.tiles.block_k
+    d = q_ref.shape[-1]
+    qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
+    q = q_ref[...]
+    q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
+    q_ids = q_ids_ref[...] if segments else None
+    scale = st.sm_scale * _LOG2E
+    tail_len = st.kv_len if st.kv_len % bk else None
+
+    def body(j: jax.Array, carry: Any, masked: bool) -> Any:
+        acc, m, denom = carry
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s = _dot(q, k, trans_b=True) * scale
+        if masked:
+            s, _ = _mask_logits(
+                s,
+                q_pos=q_pos,
+                kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
+                q_ids=q_ids,
+                kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
+                kv_len=tail_len,
+            )
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        denom = denom * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, denom
+
+    carry = (
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.full((bq,), _M_INIT, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    full, end = _causal_kv_range(st, qi, bq, bk, segments)
+    carry = _fori(0, full, functools.partial(body, masked=False), carry)
+    carry = _fori(full, end, functools.partial(body, masked=True), carry)
+    acc, m, denom = carry  # denom >= 1: the running max's own term is exp2(0)
+    o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log2(denom)
+
+
+def _fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None, st: _Static
+) -> tuple[jax.Array, jax.Array]:
+    """Padded q [B, Tq', H, D'], k/v [B, Tk', Hkv, D'] -> (out like q, lse [B, H, Tq'] float32, base 2)."""
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    bq, g = st.tiles.block_q, st.groups
+    n_q = tq // bq
+    qb = _q_block_index(st, n_q)
+    segments = q_ids is not None
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0)),
+        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
+        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
+    ]
+    args = [q, k, v]
+    if segments:
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qb(i))),
+            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
+        ]
+        args += [q_ids, kv_ids]
+    out, lse = _pallas(
+        functools.partial(_fwd_kernel, st=st, segments=segments, n_q_blocks=n_q),
+        grid=(n_q, b, h),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0)),
+            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qb(i))),
+        ],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
+        args=args,
+        st=st,
+        num_warps=st.tiles.num_warps,
+        num_stages=st.tiles.num_stages,
+        name="flash_attention_fwd",
+    )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dq.
+
+
+def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None:
+    if segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+        q_ids_ref = kv_ids_ref = None
+    bq, bk = st.tiles.block_q_dq, st.tiles.block_k_dq
+    qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
+    q_ids = q_ids_ref[...] if segments else None
+    scale = st.sm_scale * _LOG2E
+    tail_len = st.kv_len if st.kv_len % bk else None
+
+    def body(j: jax.Array, dq: jax.Array, masked: bool) -> jax.Array:
+        start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(start, bk), :]
+        v = v_ref[pl.ds(start, bk), :]
+        s = _dot(q, k, trans_b=True) * scale
+        valid = None
+        if masked:
+            s, valid = _mask_logits(
+                s,
+                q_pos=q_pos,
+                kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
+                q_ids=q_ids,
+                kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
+                kv_len=tail_len,
+            )
+        p = jnp.exp2(s - lse[:, None])
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        if valid is not None:  # masked logits get no gradient (matters for rows with no valid key)
+            ds = jnp.where(valid, ds, 0.0)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    full, end = _causal_kv_range(st, qi, bq, bk, segments)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = _fori(0, full, functools.partial(body, masked=False), dq)
+    dq = _fori(full, end, functools.partial(body, masked=True), dq)
+    dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dk, dv.
+
+
+def _dkv_kernel(*refs: Any, st: _Static, segments: bool) -> None:
+    if segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref = refs
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+        q_ids_ref = kv_ids_ref = None
+    bq, bk = st.tiles.block_q_dkv, st.tiles.block_k_dkv
+    kj = pl.program_id(0)
+    k = k_ref[...]
+    v = v_ref[...]
+    kv_start = kj * bk
+    kv_pos = kv_start + jnp.arange(bk, dtype=jnp.int32)
+    kv_ids = kv_ids_ref[...] if segments else None
+    scale = st.sm_scale * _LOG2E
+    n_q = pl.cdiv(st.q_len, bq)
+
+    # Query tiles this key tile is visible from: [lo, full) need the causal mask, [full, n_q) not.
+    # Padded keys need no mask here: their dk/dv rows are sliced off and nothing else reads them.
+    if st.causal:
+        lo = jnp.minimum(lax.div(jnp.maximum(kv_start - st.offset, 0), bq), n_q)
+        full = lax.div(jnp.maximum(kv_start + bk - 1 - st.offset, 0) + bq - 1, bq)
+        full = jnp.maximum(jnp.minimum(full, n_q), lo)
+    else:
+        lo, full = 0, 0
+    if segments:
+        full = n_q
+
+    def body(i: jax.Array, carry: Any, group: Any, masked: bool) -> Any:
+        dk, dv = carry
+        start = pl.multiple_of(i * bq, bq)
+        q = q_ref[pl.ds(start, bq), group, :]
+        do = do_ref[pl.ds(start, bq), group, :]
+        lse = lse_ref[group, pl.ds(start, bq)]
+        delta = delta_ref[group, pl.ds(start, bq)]
+        s_t = _dot(k, q, trans_b=True) * scale  # [bk, bq]: logits transposed
+        valid = None
+        if masked:
+            s_t, valid = _mask_logits(
+                s_t,
+                q_pos=start + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None,
+                kv_pos=kv_pos,
+                q_ids=q_ids_ref[pl.ds(start, bq)] if segments else None,
+                kv_ids=kv_ids,
+                kv_len=None,
+                transposed=True,
+            )
+            if segments:
+                # A query with no visible key ("dead" row, only possible with segment ids) got the
+                # mean of the values: p = 1 / kv_len on every key. Its lse (about _MASKED) cannot
+                # carry log2(kv_len) in float32, so rebuild p from it here.
+                dead = lse < 0.5 * _MASKED
+                lse = jnp.where(dead, math.log2(st.kv_len), lse)
+                s_t = jnp.where(valid, s_t, jnp.where(dead, 0.0, _MASKED)[None, :])
+        p_t = jnp.exp2(s_t - lse[None, :])
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        ds_t = p_t * (_dot(v, do, trans_b=True) - delta[None, :])
+        if valid is not None:
+            ds_t = jnp.where(valid, ds_t, 0.0)
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
+        return dk, dv
+
+    def one_group(group: Any, carry: Any) -> Any:
+        carry = _fori(lo, full, functools.partial(body, group=group, masked=True), carry)
+        return _fori(full, n_q, functools.partial(body, group=group, masked=False), carry)
+
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    if st.groups == 1:
+        carry = one_group(0, carry)
+    else:
+        carry = lax.fori_loop(0, st.groups, one_group, carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _bwd_kernels(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_ids: jax.Array | None,
+    kv_ids: jax.Array | None,
+    out: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    st: _Static,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, tq, h, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = st.groups
+    segments = q_ids is not None
+    t = st.tiles
+    # delta_i = sum_d out_id * dout_id = sum_j p_ij dp_ij: one fused XLA reduction.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+
+    # dq: grid over query tiles.
+    bq, bk = t.block_q_dq, t.block_k_dq
+    n_q = tq // bq
+    qb = _q_block_index(st, n_q)
+    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0))
+    kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qb(i)))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [q, k, v, do, lse, delta]
+    if segments:
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qb(i))),
+            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
+        ]
+        args += [q_ids, kv_ids]
+    (dq,) = _pallas(
+        functools.partial(_dq_kernel, st=st, segments=segments, n_q_blocks=n_q),
+        grid=(n_q, b, h),
+        in_specs=in_specs,
+        out_specs=[q_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        args=args,
+        st=st,
+        num_warps=t.num_warps_bwd,
+        num_stages=t.num_stages_bwd,
+        name="flash_attention_dq",
+    )
+
+    # dk, dv: grid over key tiles of each kv head; the kernel loops over the group's query heads.
+    bk = t.block_k_dkv
+    q_spec = pl.BlockSpec((None, tq, g, d), lambda j, bi, hi: (bi, 0, hi, 0))
+    kv_spec = pl.BlockSpec((None, bk, None, d), lambda j, bi, hi: (bi, j, hi, 0))
+    row_spec = pl.BlockSpec((None, g, tq), lambda j, bi, hi: (bi, hi, 0))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+    args = [q, k, v, do, lse, delta]
+    if segments:
+        in_specs += [
+            pl.BlockSpec((None, tq), lambda j, bi, hi: (bi, 0)),
+            pl.BlockSpec((None, bk), lambda j, bi, hi: (bi, j)),
+        ]
+        args += [q_ids, kv_ids]
+    dk, dv = _pallas(
+        functools.partial(_dkv_kernel, st=st, segments=segments),
+        grid=(tk // bk, b, hkv),
+        in_specs=in_specs,
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        args=args,
+        st=st,
+        num_warps=t.num_warps_bwd,
+        num_stages=t.num_stages_bwd,
+        name="flash_attention_dkv",
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# pallas_call wrapper and custom VJP.
+
+
+def _pallas(
+    kernel: Callable[..., None],
+    *,
+    grid: tuple[int, ...],
+    in_specs: list[pl.BlockSpec],
+    out_specs: list[pl.BlockSpec],
+    out_shape: list[jax.ShapeDtypeStruct],
+    args: list[jax.Array],
+    st: _Static,
+    num_warps: int,
+    num_stages: int,
+    name: str,
+) -> list[jax.Array]:
+    """pallas_call; with st.poison the outputs alias NaN-filled inputs the kernel never reads."""
+    n_in, n_out = len(args), len(out_shape)
+    aliases: dict[int, int] = {}
+    body = kernel
+    if st.poison:
+        args = [*args, *(jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape)]
+        in_specs = [*in_specs, *out_specs]
+        aliases = {n_in + i: i for i in range(n_out)}
+
+        def body(*refs: Any) -> None:
+            kernel(*refs[:n_in], *refs[n_in + n_out :])
+
+    return pl.pallas_call(
+        body,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=st.interpret,
+        name=name,
+    )(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None, st: _Static
+) -> jax.Array:
+    return _fwd(q, k, v, q_ids, kv_ids, st)[0]
+
+
+def _flash_fwd(
+    q: jax.Array, k: jax.Array, v: jax.Array, q_ids: jax.Array | None, kv_ids: jax.Array | None, st: _Static
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    out, lse = _fwd(q, k, v, q_ids, kv_ids, st)
+    return out, (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _flash_bwd(st: _Static, res: tuple[Any, ...], do: jax.Array) -> tuple[Any, ...]:
+    q, k, v, q_ids, kv_ids, out, lse = res
+    dq, dk, dv = _bwd_kernels(q, k, v, q_ids, kv_ids, out, lse, do, st)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
