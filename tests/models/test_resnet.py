@@ -87,3 +87,12 @@ def test_small_cnn_flatten_head_keeps_the_grid():
     bad = resnet.SmallCNN(channels=(8,), output_dim=10, pool="max")
     with np.testing.assert_raises_regex(ValueError, "choose mean or flatten"):
         jax.jit(bad.init)(_key(0), x)
+
+
+def test_small_cnn_pool_matches_flax_max_pool_and_rejects_odd_sides():
+    x = _images(2, 8)
+    y = resnet._max_pool_2x2(x)
+    np.testing.assert_array_equal(y, nn.max_pool(x, (2, 2), strides=(2, 2)))
+    model = resnet.SmallCNN(channels=(8, 16), output_dim=10)
+    with np.testing.assert_raises_regex(ValueError, "divisible by 4"):
+        jax.jit(model.init)(_key(0), _images(1, 10))

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def standardize(x: jax.Array, epsilon: float) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) over the last axis (biased variance, as torch's LayerNorm).
+
+    Its gradient is written out, r * (g - mean(g) - y * mean(g * y)), rather than left to
+    autodiff: XLA's CPU backend turned the derived graph into loops that cost several times
+    the matmuls around them (a transformer block's backward pass ran 1.7x slower).
+    """
+    return _standardize_fwd(x, epsilon)[0]
+
+
+def _standardize_fwd(x: jax.Array, epsilon: float) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + epsilon)
+    y = centred * rstd
+    return y, (y, rstd)
+
+
+def _standardize_bwd(epsilon: float, res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+    del epsilon
+    y, rstd = res
+    mean_g = jnp.mean(g, axis=-1, keepdims=True)
+    mean_gy = jnp.mean(g * y, axis=-1, keepdims=True)
+    return (rstd * (g - mean_g - y * mean_gy),)
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -28,11 +58,8 @@ class LayerNorm(nn.Module):
             (features,),
             jnp.float32,
         )
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
         # Biased variance, as torch.nn.LayerNorm, so imported weights reproduce exactly.
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+        y = standardize(x.astype(jnp.float32), float(self.epsilon)) * scale
         if self.use_bias:
             bias = self.param(
                 "bias",
