@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
             shuffle=True,
             random_crop=False,  # random resized crop (scale 0.8-1) on training images
             random_flip=False,
+            # Contrastive tasks: each image also gets a wrong caption of its own as an extra
+            # negative (the world's attribute-swapped captions; NegCLIP-style hard negatives).
+            hard_negatives=False,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             max_bad_fraction=0.01,  # the run fails if more examples than this are unusable

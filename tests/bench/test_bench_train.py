@@ -81,8 +81,13 @@ def test_peer_none_skips_the_peer(monkeypatch):
 def test_random_batch_has_one_eos_per_row():
     config = config_lib.load(f"{CLIP_CONFIG}:tiny")
     batch = bench.random_batch(config, 32)
-    tokens, eos = batch["tokens"], config.model.text.eos_id
+    eos, length = config.model.text.eos_id, config.data.text_length
     assert batch["image"].shape == (32, 32, 32, 3) and batch["image"].dtype == np.float32
-    assert tokens.shape == (32, 24) and tokens.dtype == np.int32
-    np.testing.assert_array_equal((tokens == eos).sum(axis=1), 1)
-    assert tokens.min() >= 0 and tokens.max() < config.model.text.vocab_size
+    # The tiny config trains with hard negatives, so the benchmark batch carries them too.
+    for tokens in (batch["tokens"], batch["negative_tokens"]):
+        assert tokens.shape == (32, length) and tokens.dtype == np.int32
+        np.testing.assert_array_equal((tokens == eos).sum(axis=1), 1)
+        assert tokens.min() >= 0 and tokens.max() < config.model.text.vocab_size
+    assert (batch["tokens"] != batch["negative_tokens"]).any()
+    config.data.hard_negatives = False
+    assert "negative_tokens" not in bench.random_batch(config, 4)

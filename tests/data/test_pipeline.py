@@ -308,3 +308,27 @@ def test_state_from_another_host_count_still_resumes(tok, caplog):
     assert other.get_state()["iterator"]["next_index"] == 4
     assert "will not be exactly" in caplog.text
     assert next(other)["label"].shape == (2,)
+
+
+def test_hard_negatives_come_with_their_captions(tok):
+    src = sources.RecordSource([world.example(i, "train") for i in range(12)])
+    config = _config(hard_negatives=True, shuffle=False, text_length=24)
+    batch = next(pipeline.train_batches(config, tok, source=src))
+    assert batch["negative_tokens"].shape == batch["tokens"].shape == (4, 24)
+    for row in range(4):  # unshuffled: row i is example i
+        ex = world.example(row, "train")
+        caps, negs = (tok.tokenize(ex[k], 24) for k in ("captions", "negative_captions"))
+        picked = [j for j in range(len(caps)) if (caps[j] == batch["tokens"][row]).all()]
+        # The negative is the one written for the caption that was picked.
+        assert picked and any((negs[j] == batch["negative_tokens"][row]).all() for j in picked)
+    assert "negative_tokens" not in next(pipeline.train_batches(_config(), tok, source=src))
+    with pytest.raises(ValueError, match="negative_captions"):
+        pipeline.train_batches(_config(hard_negatives=True), tok, source=_fake_source())
+
+
+def test_records_without_a_usable_negative_are_skipped_and_counted(tok):
+    src = [{**r, "negative_captions": ["wrong one", "wrong two", "wrong three"]} for r in _fake_source(n=40)]
+    src[1] = {**src[1], "negative_captions": ["", " ", ""]}
+    it = pipeline.train_batches(_config(hard_negatives=True, shuffle=False), tok, source=src)
+    assert next(it)["label"].tolist() == [0, 2, 3, 4]
+    assert it.stats()["data/skipped_no_negative"] == 1

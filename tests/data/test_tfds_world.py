@@ -19,7 +19,7 @@ def data_dir(tmp_path_factory):
 def _assert_same(record, expected):
     np.testing.assert_array_equal(record["image"], expected["image"])
     assert record["image"].dtype == np.uint8
-    for key in ("captions", "label", "label_name", "held_out", "objects", "qa", "conversation"):
+    for key in ("captions", "negative_captions", "label", "label_name", "held_out", "objects", "qa", "conversation"):
         assert record[key] == expected[key], key
     assert isinstance(record["label"], int) and isinstance(record["held_out"], bool)
     assert all(isinstance(c, str) for c in record["captions"])
@@ -34,14 +34,14 @@ def test_builds_locally_and_reads_back_example(data_dir, image_size):
             record = src[index]
             assert record["index"] == index
             _assert_same(record, world.example(index, split, image_size=image_size))
-    stored = os.path.join(data_dir, "vlm_world", f"s{image_size}_seed0_n24-10-10", "1.0.0")
+    stored = os.path.join(data_dir, "vlm_world", f"s{image_size}_seed0_n24-10-10", str(tfds_world.VlmWorld.VERSION))
     assert any(".array_record-" in name for name in os.listdir(stored))
 
 
 def test_seed_and_reuse(data_dir):
     src = tfds_world.data_source("train", seed=5, data_dir=data_dir, num_examples=SIZES)
     _assert_same(src[3], world.example(3, "train", seed=5))
-    stored = os.path.join(data_dir, "vlm_world", "s32_seed5_n24-10-10", "1.0.0")
+    stored = os.path.join(data_dir, "vlm_world", "s32_seed5_n24-10-10", str(tfds_world.VlmWorld.VERSION))
     before = os.stat(os.path.join(stored, "dataset_info.json")).st_mtime_ns
     again = tfds_world.data_source("train", seed=5, data_dir=data_dir, num_examples=SIZES)
     assert os.stat(os.path.join(stored, "dataset_info.json")).st_mtime_ns == before  # not rebuilt

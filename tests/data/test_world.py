@@ -170,8 +170,15 @@ def test_texts():
             assert main in caption
             assert caption.index(main) == min(caption.find(f"{c} {s}") for c, s in _pairs(ex) if f"{c} {s}" in caption)
             assert len(caption.split()) <= 14
+        for caption in ex["captions"][:4]:
             for c, s in _pairs(ex):
                 assert f"{c} {s}" in caption
+        # The last phrasing names the main object only and counts the others.
+        others = len(ex["objects"]) - 1
+        for c, s in _pairs(ex)[1:]:
+            assert f"{c} {s}" not in ex["captions"][4]
+        if others:
+            assert ex["captions"][4].startswith(f"a large {main} and {world.NUMBER_WORDS[others]} small shape")
         assert any(o["position"] in " ".join(ex["captions"]) for o in ex["objects"][:1])
         assert len(ex["qa"]) >= 4
         answers = {qa["question"]: qa["answer"] for qa in ex["qa"]}
@@ -204,3 +211,30 @@ def test_bad_arguments():
         world.example(0, "dev")
     with pytest.raises(ValueError, match="shape"):
         world.render([{"shape": "hexagon", "color": "red", "size": "small", "position": "center"}], 32)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_negative_captions_bind_the_attributes_wrongly(split):
+    allowed = set(world.TRAIN_PAIRS if split == "train" else world.ALL_PAIRS)
+    swaps = 0
+    for index in range(300):
+        ex = world.example(index, split)
+        rng = np.random.default_rng(index)
+        negative = world.negative_scene(rng, ex["objects"], split)
+        truth = [(o["color"], o["shape"]) for o in ex["objects"]]
+        wrong = [(o["color"], o["shape"]) for o in negative]
+        assert wrong != truth and wrong[0] != truth[0]  # the main object is always misdescribed
+        assert set(wrong) <= allowed and len(set(wrong)) == len(wrong)
+        assert [(o["size"], o["position"]) for o in negative] == [(o["size"], o["position"]) for o in ex["objects"]]
+        colours, shapes = sorted(c for c, _ in truth), sorted(s for _, s in truth)
+        if sorted(c for c, _ in wrong) == colours and sorted(s for _, s in wrong) == shapes:
+            swaps += 1  # the same words, only who-has-what changed
+        else:  # otherwise exactly one attribute of the main object changed
+            assert wrong[1:] == truth[1:] and (wrong[0][0] == truth[0][0]) != (wrong[0][1] == truth[0][1])
+        # Stored negatives are the captions of such a scene, phrasing by phrasing.
+        negs = ex["negative_captions"]
+        assert len(negs) == len(ex["captions"]) and not set(negs) & set(ex["captions"])
+        for caption, neg in zip(ex["captions"], negs):
+            assert len(caption.split()) == len(neg.split())
+    multi = sum(len(world.example(i, split)["objects"]) > 1 for i in range(300))
+    assert swaps >= 0.7 * multi  # most multi-object scenes get a true binding swap

@@ -10,8 +10,12 @@ from vlm_jax.train.metrics import read_metrics
 from vlm_jax.train.trainer import train
 
 
+def _metric(workdir, name):
+    return [r[name] for r in read_metrics(workdir) if name in r]
+
+
 def _losses(workdir):
-    return [r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r]
+    return _metric(workdir, "train/loss")
 
 
 def _shrunk_vit(world_cache, **overrides):
@@ -50,7 +54,10 @@ def test_tiny_clip_learns_and_reports_evals(tiny_clip_config, tmp_path):
         )
     summary = train(config, str(tmp_path / "clip"))
     losses = _losses(tmp_path / "clip")
-    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
+    # It starts near 0.5 * (ln 2B + ln B) (each image's own wrongly bound caption joins the
+    # image->text softmax); those one-word-apart negatives keep it well above 0 for a while.
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+    assert np.mean(_metric(tmp_path / "clip", "train/batch_beats_negative")[-10:]) > 0.6
     ev = summary["eval"]
     # Chance: 1/48 (top-1) and 5/48 (top-5) for zero-shot, 1/64 and 10/64 for retrieval R@1, R@10.
     # This shrunk model sees 150 batches of 16; the full tiny run reaches far more (see README).

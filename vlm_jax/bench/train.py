@@ -51,7 +51,15 @@ def num_cores() -> int:
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
-    """{'image' f32 [B,S,S,3], 'tokens' i32 [B,L]} with one eos per row, pads after it."""
+    """{'image' f32 [B,S,S,3], 'tokens' i32 [B,L]} with one eos per row, pads after it; plus
+    'negative_tokens' i32 [B,L] alike when the config trains with hard negatives."""
+    batch = _random_batch(config, batch_size, seed)
+    if config.data.get("hard_negatives", False):
+        batch["negative_tokens"] = _random_batch(config, batch_size, seed + 1)["tokens"]
+    return batch
+
+
+def _random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     size, length = int(config.data.image_size), int(config.data.text_length)
     text = config.model.text
@@ -202,22 +210,33 @@ def _build_hf_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, st
     model = CLIPModel(hf_config)
 
     def loss_of(images: Any, tokens: Any) -> Any:
-        return model(input_ids=tokens, pixel_values=images, return_loss=True).loss
+        image = model.get_image_features(pixel_values=images)
+        text = model.get_text_features(input_ids=tokens)
+        return _info_nce(_features(image), _features(text), model.logit_scale.exp())
 
     attn = model.config._attn_implementation
     return model, loss_of, f"HF transformers CLIPModel ({attn})"
 
 
+def _features(out: Any) -> Any:
+    """transformers 5 may return a model output instead of a tensor from get_*_features."""
+    return out if hasattr(out, "norm") else out.pooler_output
+
+
 def _info_nce(image_features: Any, text_features: Any, logit_scale: Any) -> Any:
-    """Symmetric InfoNCE of unnormalised torch features, as tasks.contrastive.softmax_loss."""
+    """Symmetric InfoNCE of unnormalised torch features, as tasks.contrastive.softmax_loss.
+
+    Text rows beyond the B images are hard negatives: in the image->text softmax only.
+    """
     import torch
     import torch.nn.functional as F
 
     image_features = F.normalize(image_features, dim=-1)
     text_features = F.normalize(text_features, dim=-1)
-    logits = logit_scale * image_features @ text_features.T
+    logits = logit_scale * image_features @ text_features.T  # [B, B (+ negatives)]
     labels = torch.arange(len(logits))
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    t2i = F.cross_entropy(logits[:, : len(logits)].T, labels)
+    return 0.5 * (F.cross_entropy(logits, labels) + t2i)
 
 
 def _build_cnn_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, str]:
@@ -336,7 +355,11 @@ def bench_peer(
         images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
         if kind != "cnn":
             images = images.contiguous()
-        tokens = torch.from_numpy(batch["tokens"]).long()
+        # Negatives ride along as extra text rows, as in our task (one text-tower call).
+        tokens = torch.from_numpy(
+            np.concatenate([batch["tokens"], batch["negative_tokens"]]) if "negative_tokens" in batch
+            else batch["tokens"]
+        ).long()
         cfg = config.optim
         params = [p for p in model.parameters() if p.requires_grad]
         # Decay matrices (our mask decays `kernel`/`embedding` leaves); groups only change values.

@@ -31,6 +31,7 @@ COUNTERS = (
     "data/examples_seen",
     "data/skipped_bad_image",
     "data/skipped_empty_caption",
+    "data/skipped_no_negative",
     "data/converted_images",
     "data/truncated_captions",
     "data/batches",
@@ -198,6 +199,10 @@ def preprocess_images(
 # ----------------------------------------------------------------------------- examples
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
 class _Prepare:
     """grain map_with_index step: source index -> {"image" uint8 [S,S,3], "caption", ...} or a bad marker.
 
@@ -207,16 +212,27 @@ class _Prepare:
     resume. A class, not a closure, so that grain's worker processes can pickle it.
     """
 
-    def __init__(self, source: Any, size: int, seed: int, host: int, crop: bool, flip: bool):
+    def __init__(
+        self, source: Any, size: int, seed: int, host: int, crop: bool, flip: bool, negatives: bool = False
+    ):
         self.source = source
         self.size, self.seed, self.host, self.crop, self.flip = size, seed, host, crop, flip
+        self.negatives = negatives
 
     def __call__(self, index: int, source_index: int) -> dict[str, Any]:
         record = self.source[int(source_index)]
-        captions = [c for c in record.get("captions", ()) if isinstance(c, str) and c.strip()]
+        captions = [c for c in record.get("captions", ()) if _is_text(c)]
         what = record.get("image") if isinstance(record.get("image"), str) else f"#{source_index}"
         if not captions:
             return {"status": "empty_caption", "what": str(what)}
+        if self.negatives:
+            # negative_captions[i] belongs to captions[i]: keep the pairs where both are usable.
+            negs = list(record.get("negative_captions") or ())
+            raw = list(record.get("captions", ()))
+            pairs = [(c, n) for c, n in zip(raw, negs) if _is_text(c) and _is_text(n)]
+            if not pairs:
+                return {"status": "no_negative", "what": str(what)}
+            captions, negs = [c for c, _ in pairs], [n for _, n in pairs]
         draft = int(math.ceil(self.size / math.sqrt(_CROP_MIN_SCALE))) if self.crop else self.size
         image, converted = _load_image(record.get("image"), draft=draft)
         if image is None:
@@ -225,11 +241,10 @@ class _Prepare:
         image = _fit(image, self.size, rng, self.crop)
         if self.flip and rng.random() < 0.5:
             image = image[:, ::-1]
-        out = {
-            "status": "converted" if converted else "ok",
-            "image": image,
-            "caption": captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0],
-        }
+        pick = int(rng.integers(len(captions))) if len(captions) > 1 else 0
+        out = {"status": "converted" if converted else "ok", "image": image, "caption": captions[pick]}
+        if self.negatives:
+            out["negative_caption"] = negs[pick]
         if "label" in record:
             out["label"] = int(record["label"])
         return out
@@ -248,6 +263,7 @@ class TrainIterator:
         epoch_length: int,
         has_label: bool,
         layout: dict[str, int],
+        negatives: bool = False,
     ):
         self._dataset = dataset
         self._it = iter(dataset)
@@ -259,6 +275,7 @@ class TrainIterator:
         self._min_seen = min(MIN_EXAMPLES_FOR_BAD_CHECK, epoch_length)
         self._epoch_length = epoch_length
         self._has_label = has_label
+        self._negatives = negatives
         self._layout = layout  # what a saved state must agree with to resume exactly
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._recent_bad: list[str] = []
@@ -267,15 +284,18 @@ class TrainIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        """The next batch: image f32 [b,S,S,3], tokens i32 [b,L], label i32 [b] (if labelled)."""
-        images, captions, labels = [], [], []
+        """The next batch: image f32 [b,S,S,3], tokens i32 [b,L], label i32 [b] (if labelled).
+
+        With hard negatives, also negative_tokens i32 [b,L]: row i is a wrong caption of image i.
+        """
+        images, captions, labels, negatives = [], [], [], []
         bad_run = 0
         counts = self._counts
         while len(images) < self._batch_size:
             ex = next(self._it)
             counts["data/examples_seen"] += 1
             status = ex["status"]
-            if status in ("bad_image", "empty_caption"):
+            if status in ("bad_image", "empty_caption", "no_negative"):
                 counts[f"data/skipped_{status}"] += 1
                 self._recent_bad = (self._recent_bad + [f"{status}: {ex['what']}"])[-5:]
                 bad_run += 1
@@ -284,6 +304,8 @@ class TrainIterator:
             counts["data/converted_images"] += status == "converted"
             images.append(ex["image"])
             captions.append(ex["caption"])
+            if self._negatives:
+                negatives.append(ex["negative_caption"])
             if self._has_label:
                 labels.append(ex.get("label", -1))
         self._check_bad(0)
@@ -293,6 +315,8 @@ class TrainIterator:
         counts["data/truncated_captions"] += int(truncated.sum())
         counts["data/batches"] += 1
         batch = {"image": normalise(np.stack(images), self._config), "tokens": tokens}
+        if self._negatives:
+            batch["negative_tokens"] = self._tokenizer.tokenize(negatives, self._text_length)
         if self._has_label:
             batch["label"] = np.asarray(labels, np.int32)
         return batch
@@ -300,7 +324,7 @@ class TrainIterator:
     def _check_bad(self, bad_run: int) -> None:
         """Raises DataError when unusable examples exceed config.data.max_bad_fraction."""
         seen = self._counts["data/examples_seen"]
-        bad = self._counts["data/skipped_bad_image"] + self._counts["data/skipped_empty_caption"]
+        bad = sum(self._counts[k] for k in COUNTERS if k.startswith("data/skipped_"))
         # A whole epoch without one usable example would otherwise loop forever.
         hopeless = bad_run >= self._epoch_length
         if hopeless or (seen >= self._min_seen and bad > self._max_bad * seen):
@@ -385,9 +409,15 @@ def train_batches(
     ds = grain.MapDataset.range(per_host * process_count)[process_index::process_count]
     if config.data.shuffle:
         ds = ds.seed(seed).shuffle()  # grain reshuffles every epoch (seed + epoch)
+    negatives = bool(config.data.get("hard_negatives", False))
+    if negatives and "negative_captions" not in source[0]:
+        raise ValueError(
+            f"data.hard_negatives=True needs records with 'negative_captions' (the built-in world "
+            f"has them); the {config.data.source!r} source {source!r} has none"
+        )
     prepare = _Prepare(
         source, int(config.data.image_size), seed, process_index,
-        bool(config.data.random_crop), bool(config.data.random_flip),
+        bool(config.data.random_crop), bool(config.data.random_flip), negatives,
     )
     ds = ds.repeat().map_with_index(prepare)
     workers = int(config.data.get("num_workers", 0))
@@ -408,9 +438,11 @@ def train_batches(
         batch_size=batch_size // process_count,
         epoch_length=per_host,
         has_label="label" in source[0],
+        negatives=negatives,
         layout=dict(
             seed=seed, process_index=process_index, process_count=process_count,
             batch_size=batch_size, num_examples=n, shuffle=int(bool(config.data.shuffle)),
+            hard_negatives=int(negatives),
         ),
     )
 

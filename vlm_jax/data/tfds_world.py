@@ -75,8 +75,12 @@ def decode_png(data: bytes) -> np.ndarray:
 class VlmWorld(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the built-in synthetic world (vlm_jax.data.world)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "negative_captions (hard negatives).",
+        "1.2.0": "A caption phrasing that names only the main object.",
+    }
     BUILDER_CONFIGS = [make_config(32), make_config(64)]
 
     @tfds.core.utils.classproperty
@@ -92,6 +96,7 @@ class VlmWorld(tfds.core.GeneratorBasedBuilder):
                 "index": np.int64,
                 "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
                 "captions": tfds.features.Sequence(tfds.features.Text()),
+                "negative_captions": tfds.features.Sequence(tfds.features.Text()),
                 "label": tfds.features.ClassLabel(names=world.CLASS_NAMES),
                 "label_name": tfds.features.Text(),
                 "held_out": np.bool_,
@@ -119,6 +124,7 @@ class VlmWorld(tfds.core.GeneratorBasedBuilder):
                 # PNG bytes rather than an array: encoding arrays goes through TensorFlow.
                 "image": encode_png(ex["image"]),
                 "captions": ex["captions"],
+                "negative_captions": ex["negative_captions"],
                 "label": ex["label"],
                 "label_name": ex["label_name"],
                 "held_out": ex["held_out"],
@@ -139,6 +145,7 @@ def _from_record(record: dict[str, Any]) -> dict[str, Any]:
         "index": int(record["index"]),
         "image": np.asarray(image, np.uint8),
         "captions": [_text(c) for c in record["captions"]],
+        "negative_captions": [_text(c) for c in record["negative_captions"]],
         "label": int(record["label"]),
         "label_name": _text(record["label_name"]),
         "held_out": bool(record["held_out"]),

@@ -204,11 +204,19 @@ def _join(phrases: list[str]) -> str:
 
 
 def captions(objects: list[dict[str, Any]]) -> list[str]:
-    """Five phrasings that name every object, main object first, in <= 14 words."""
+    """Five phrasings, main object first, in <= 14 words.
+
+    Four name every object; the last, as people describe a busy picture, names only the main
+    (large) object and counts the small ones: "a large red circle and two small shapes.".
+    """
     plain = _join([_name(o) for o in objects])
     sized = _join([_name(o, size=True) for o in objects])
     placed = _join([_name(objects[0], position=True)] + [_name(o) for o in objects[1:]])
-    count = NUMBER_WORDS[len(objects)]
+    others = len(objects) - 1
+    if others:
+        salient = f"a {_name(objects[0], size=True)} and {NUMBER_WORDS[others]} small shape{'s' * (others > 1)}."
+    else:
+        salient = f"one shape: {plain}."
     # Three objects leave no room for a lead-in within ~13 words.
     short = len(objects) == 3
     return [
@@ -216,8 +224,45 @@ def captions(objects: list[dict[str, Any]]) -> list[str]:
         f"a picture of {plain}.",
         f"{sized}." if short else f"an image with {sized}.",
         f"{placed}." if short else f"there is {placed}.",
-        f"{count} shape{'s' if len(objects) > 1 else ''}: {plain}.",
+        salient,
     ]
+
+
+def _allowed_pairs(split: str) -> tuple[tuple[str, str], ...]:
+    # Training texts never name a held-out pair, not even in a negative.
+    return TRAIN_PAIRS if split == "train" else ALL_PAIRS
+
+
+def negative_scene(rng: np.random.Generator, objects: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    """The scene with its attributes wrongly bound: a hard negative for contrastive training.
+
+    With two or more objects, the main object swaps its colour or its shape with another
+    object's ("a red square and a blue circle" becomes "a blue square and a red circle"), so
+    the words stay the same and only who-has-what changes. Where no swap gives nameable
+    (for training: non-held-out), distinct pairs, and for single objects, the main object gets
+    another colour or shape instead. Sizes and positions are kept, so every caption phrasing
+    has its negative.
+    """
+    allowed = set(_allowed_pairs(split))
+    pairs = [(o["color"], o["shape"]) for o in objects]
+    candidates = []
+    for j in range(1, len(objects)):
+        for attr in (0, 1):  # 0: colour, 1: shape
+            if pairs[0][attr] == pairs[j][attr]:
+                continue
+            new = list(pairs)
+            a, b = list(new[0]), list(new[j])
+            a[attr], b[attr] = b[attr], a[attr]
+            new[0], new[j] = tuple(a), tuple(b)
+            if set(new) <= allowed and len(set(new)) == len(new):
+                candidates.append(new)
+    if not candidates:
+        main_color, main_shape = pairs[0]
+        for pair in sorted(allowed - set(pairs)):
+            if (pair[0] == main_color) != (pair[1] == main_shape):  # exactly one attribute changed
+                candidates.append([pair] + pairs[1:])
+    new = candidates[int(rng.integers(len(candidates)))]
+    return [{**o, "color": c, "shape": s} for o, (c, s) in zip(objects, new)]
 
 
 def _description(objects: list[dict[str, Any]]) -> str:
@@ -255,7 +300,7 @@ def _questions(rng: np.random.Generator, objects: list[dict[str, Any]], split: s
 
 
 def texts(rng: np.random.Generator, objects: list[dict[str, Any]], split: str) -> dict[str, Any]:
-    """Captions, qa [{question, answer}] and conversation [{role, text}] for a scene."""
+    """Captions, their hard negatives, qa [{question, answer}] and conversation [{role, text}]."""
     triples = _questions(rng, objects, split)
     opener = _pick(rng, ("describe the image.", "what do you see?", "what is in this picture?"))
     conversation = [{"role": "user", "text": opener}, {"role": "assistant", "text": _description(objects)}]
@@ -264,6 +309,7 @@ def texts(rng: np.random.Generator, objects: list[dict[str, Any]], split: str) -
         conversation += [{"role": "user", "text": question}, {"role": "assistant", "text": sentence}]
     return {
         "captions": captions(objects),
+        "negative_captions": captions(negative_scene(rng, objects, split)),
         "qa": [{"question": q, "answer": a} for q, a, _ in triples],
         "conversation": conversation,
     }
@@ -285,6 +331,8 @@ def example(index: int, split: str, *, seed: int = 0, image_size: int = 32) -> d
     return {
         "image": render(objects, image_size),
         "captions": text["captions"],
+        # negative_captions[i] is captions[i] with the attributes wrongly bound (hard negatives).
+        "negative_captions": text["negative_captions"],
         "label": label_of(main["color"], main["shape"]),
         "label_name": f"{main['color']} {main['shape']}",
         "held_out": (main["color"], main["shape"]) in HELD_OUT_PAIRS,
