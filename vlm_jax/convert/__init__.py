@@ -1,5 +1,7 @@
-"""Weight import: `from_hf(path) -> (config, params)` for Hugging Face CLIPModel and ViTModel
-directories (config.json + safetensors, single or sharded). Pickled checkpoints are never read."""
+"""Weight import / export: `from_hf(path) -> (config, params)` for Hugging Face CLIPModel, ViTModel and
+LlamaForCausalLM directories (config.json + safetensors, single or sharded), and
+`to_hf(config, params, path)` for the families that have an exporter (LLaMA). Pickled checkpoints
+are never read."""
 
 from __future__ import annotations
 
@@ -13,16 +15,22 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from vlm_jax.convert import hf_clip, hf_vit
+from vlm_jax.convert import hf_clip, hf_llama, hf_vit
 from vlm_jax.convert.checks import ConversionError, Tensors, check_tree
 from vlm_jax.convert.safetensors_io import read_safetensors
 from vlm_jax.layers.transformer import stack_layers
 from vlm_jax.models import build
 
-__all__ = ["ConversionError", "from_hf"]
+__all__ = ["ConversionError", "from_hf", "to_hf"]
 
 # model_type -> (converter, family config file, the variant whose training settings we start from)
-_FAMILIES = {"clip": (hf_clip, "clip", "b16"), "vit": (hf_vit, "vit", "b16")}
+_FAMILIES = {
+    "clip": (hf_clip, "clip", "b16"),
+    "vit": (hf_vit, "vit", "b16"),
+    "llama": (hf_llama, "llama", "llama2_7b"),
+}
+# config.model.name -> exporter module (with `to_hf(config, params, path)`)
+_EXPORTERS = {"llama": hf_llama}
 _CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -92,6 +100,9 @@ def from_hf(
         config.data.image_size = model_cfg.image.image_size
         config.data.text_length = model_cfg.text.context_length
         config.tokenizer.vocab_size = model_cfg.text.vocab_size
+    elif model_type == "llama":
+        config.data.text_length = model_cfg.max_len
+        config.tokenizer.vocab_size = model_cfg.vocab_size
     else:
         config.data.image_size = model_cfg.image_size
     pre = _preprocessing(path)
@@ -100,3 +111,11 @@ def from_hf(
     if "image_std" in pre:
         config.data.std = pre["image_std"]
     return config, params
+
+
+def to_hf(config: ml_collections.ConfigDict, params: dict[str, Any], path: str) -> None:
+    """Writes `params` (scanned or not) as a Hugging Face model directory that transformers loads."""
+    name = (config.model if "model" in config else config).name
+    if name not in _EXPORTERS:
+        raise ConversionError(f"no Hugging Face exporter for model {name!r}; known: {sorted(_EXPORTERS)}")
+    _EXPORTERS[name].to_hf(config, jax.device_get(nn.unbox(params)), path)

@@ -92,3 +92,29 @@ def token_embedding(
         ),
         name=name,
     )
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
+    """Rotary inverse frequencies float32 [head_dim // 2]: theta ** (-2i / head_dim)."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary position embedding, x [B, T, H, D], positions int [B, T] or [T] -> [B, T, H, D].
+
+    The half-split ("rotate_half") layout of Hugging Face LLaMA: dims i and i + D/2 form a pair,
+    so HF checkpoints (whose q/k projections are stored permuted for it) load unchanged. The
+    rotation runs in float32 and the result is cast back to x's dtype.
+    """
+    d = x.shape[-1]
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None]
+    freqs = positions.astype(jnp.float32)[..., None] * rope_frequencies(d, theta)  # [B, T, D/2]
+    cos, sin = jnp.cos(freqs)[:, :, None], jnp.sin(freqs)[:, :, None]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

@@ -69,3 +69,27 @@ class LayerNorm(nn.Module):
             )
             y = y + bias
         return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm of the last axis (LLaMA, T5): [..., C] -> [..., C] in `dtype`.
+
+    y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32; param `scale` [C] (init ones).
+    """
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., C] -> [..., C]; float32 statistics so bf16 inputs do not lose precision."""
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            jnp.float32,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale).astype(self.dtype)
