@@ -96,3 +96,27 @@ def test_small_cnn_pool_matches_flax_max_pool_and_rejects_odd_sides():
     model = resnet.SmallCNN(channels=(8, 16), output_dim=10)
     with np.testing.assert_raises_regex(ValueError, "divisible by 4"):
         jax.jit(model.init)(_key(0), _images(1, 10))
+
+
+def test_conv3x3_matmul_weight_gradient_matches_xla(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 6, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(2, 6, 5, 4)), jnp.float32)
+    plain = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(resnet.conv3x3(x, w), plain(x, w), atol=1e-5)
+    want = jax.vjp(plain, x, w)[1](g)
+    got = jax.vjp(resnet.conv3x3, x, w)[1](g)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    # The SmallCNN's convs take that path; the ResNet's (strided, 1x1, 7x7 ...) keep XLA's.
+    calls = []
+    monkeypatch.setattr(resnet, "conv3x3", lambda x, w: calls.append(w.shape) or plain(x, w))
+    model = resnet.SmallCNN(channels=(4, 8), output_dim=3)
+    jax.eval_shape(model.init, _key(0), x[:, :4, :4])
+    assert calls == [(3, 3, 3, 4), (3, 3, 4, 8)]
+    calls.clear()
+    jax.eval_shape(resnet.ModifiedResNet(layers=(1, 1, 1, 1), width=8, heads=2, output_dim=4).init,
+                   _key(0), _images(1, 32))
+    assert calls == []
