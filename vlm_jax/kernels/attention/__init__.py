@@ -20,7 +20,6 @@ backend (how the tests run the kernels on CPU); the other implementations ignore
 from __future__ import annotations
 
 import importlib
-import inspect
 from types import ModuleType
 
 import jax
@@ -153,13 +152,7 @@ def unsupported_reason(
         module, why = _pallas_tpu()
         if module is None:
             return why
-        check = module.unsupported_reason
-        kwargs = dict(causal=causal, segment_ids=segment_ids)
-        if kv_segment_ids is not None:
-            if "kv_segment_ids" not in inspect.signature(check).parameters:
-                return "the pallas_tpu kernel does not take kv_segment_ids"
-            kwargs["kv_segment_ids"] = kv_segment_ids
-        return check(q, k, v, **kwargs)
+        return module.unsupported_reason(q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
 
 
@@ -245,8 +238,6 @@ def attention(
         return _pallas_gpu().mha(q, k, v, sm_scale=sm_scale, interpret=interpret, **kw)
     module, _ = _pallas_tpu()
     assert module is not None  # checked by unsupported_reason / choose_impl
-    if kv_segment_ids is None:
-        del kw["kv_segment_ids"]  # the TPU kernel may not take it
     return module.mha(q, k, v, sm_scale=sm_scale, interpret=interpret, **kw)
 
 

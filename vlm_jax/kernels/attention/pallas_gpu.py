@@ -41,10 +41,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from vlm_jax.kernels.attention import reference
+
 # The Triton compiler-params class was `TritonCompilerParams` before it became `CompilerParams`.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16  # tl.dot needs every matmul dimension >= 16.
 
@@ -142,40 +143,12 @@ def unsupported_reason(
     kv_segment_ids: jax.Array | None = None,
 ) -> str | None:
     """Why `mha` cannot do this call, or None when it can (shapes and dtypes only, not the backend)."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return f"q, k, v must be [batch, length, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
-    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dtypes) != 1:
-        return f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not one of float16, bfloat16, float32"
-    b, tq, h, d = q.shape
-    if k.shape != v.shape:
-        return f"k and v must have the same shape, got {k.shape} and {v.shape}"
-    if k.shape[0] != b or k.shape[3] != d:
-        return f"k/v {k.shape} do not match q {q.shape} in batch or head_dim"
-    tk, hkv = k.shape[1], k.shape[2]
-    if min(tq, tk, h, hkv, d) < 1:
-        return "empty dimension"
-    if h % hkv:
-        return f"query heads {h} must be a multiple of kv heads {hkv}"
-    if d > MAX_HEAD_DIM:
-        return f"head_dim {d} > {MAX_HEAD_DIM} (the tiles would not fit in shared memory)"
-    if causal and tq > tk:
-        return f"causal with more queries ({tq}) than keys ({tk}): the first rows would attend to nothing"
-    if segment_ids is None and kv_segment_ids is not None:
-        return "kv_segment_ids without segment_ids"
-    if segment_ids is not None:
-        if tuple(segment_ids.shape) != (b, tq):
-            return f"segment_ids must be [batch, q_len] = {(b, tq)}, got {segment_ids.shape}"
-        if kv_segment_ids is None and tq != tk:
-            return "segment_ids with q and kv of different lengths needs kv_segment_ids"
-        if kv_segment_ids is not None and tuple(kv_segment_ids.shape) != (b, tk):
-            return f"kv_segment_ids must be [batch, kv_len] = {(b, tk)}, got {kv_segment_ids.shape}"
-        for s in (segment_ids, kv_segment_ids):
-            if s is not None and not jnp.issubdtype(s.dtype, jnp.integer):
-                return f"segment ids must be integers, got {s.dtype}"
-    return None
+    reason = reference.kernel_unsupported_reason(
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+    )
+    if reason is None and q.shape[-1] > MAX_HEAD_DIM:
+        reason = f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM} (the tiles would not fit in shared memory)"
+    return reason
 
 
 def mha(

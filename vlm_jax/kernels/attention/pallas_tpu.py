@@ -42,11 +42,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from vlm_jax.kernels.attention import reference
+
 NUM_LANES = 128
 NUM_SUBLANES = 8
 # Block-size candidates for the default choice, largest first; 512 suits v4/v5 at head_dim <= 256.
 _DEFAULT_BLOCKS = (512, 384, 256, 128)
-_SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -68,40 +69,9 @@ def unsupported_reason(
     kv_segment_ids: jax.Array | None = None,
 ) -> str | None:
     """None when `mha` can compute this call, else a short reason (shapes and dtypes only)."""
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        return "q, k and v must be [batch, length, heads, head_dim]"
-    b, tq, h, d = q.shape
-    _, tk, hkv, _ = k.shape
-    if k.shape != v.shape:
-        return f"k {k.shape} and v {v.shape} differ"
-    if k.shape[0] != b or k.shape[3] != d:
-        return f"q {q.shape} and k {k.shape} disagree in batch or head_dim"
-    if min(b, tq, tk, h, d) == 0:
-        return "empty dimension"
-    if h % hkv:
-        return f"query heads {h} are not a multiple of kv heads {hkv}"
-    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if len(dtypes) != 1:
-        return f"q, k and v have different dtypes {sorted(map(str, dtypes))}"
-    if q.dtype not in tuple(map(jnp.dtype, _SUPPORTED_DTYPES)):
-        return f"dtype {q.dtype} is not one of bfloat16, float16, float32"
-    if causal and tq > tk:
-        return f"causal with q_len {tq} > kv_len {tk}: the first queries would see no key"
-    if segment_ids is not None:
-        if segment_ids.shape != (b, tq):
-            return f"segment_ids {segment_ids.shape} is not [batch, q_len] = {(b, tq)}"
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            return f"segment_ids must be integers, got {segment_ids.dtype}"
-        if kv_segment_ids is None and tq != tk:
-            return "segment_ids with q and kv of different lengths needs kv_segment_ids"
-    if kv_segment_ids is not None:
-        if segment_ids is None:
-            return "kv_segment_ids without segment_ids"
-        if kv_segment_ids.shape != (b, tk):
-            return f"kv_segment_ids {kv_segment_ids.shape} is not [batch, kv_len] = {(b, tk)}"
-        if not jnp.issubdtype(kv_segment_ids.dtype, jnp.integer):
-            return f"kv_segment_ids must be integers, got {kv_segment_ids.dtype}"
-    return None
+    return reference.kernel_unsupported_reason(
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+    )
 
 
 def mha(

@@ -58,3 +58,55 @@ def attention(
     weights = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v)
     return out.reshape(b, tq, h, d)
+
+
+KERNEL_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def kernel_unsupported_reason(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+) -> str | None:
+    """Why a flash kernel (pallas_gpu, pallas_tpu) cannot take this call, or None.
+
+    The checks every kernel shares, on shapes and dtypes only: [B, T, H, D] layout, one float
+    dtype of KERNEL_DTYPES, whole kv-head groups, causal with no more queries than keys (else
+    the first rows see no key), and segment ids that are [B, T] integers for both sides.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"q, k, v must be [batch, length, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
+    if len({jnp.dtype(x.dtype) for x in (q, k, v)}) != 1:
+        return f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if jnp.dtype(q.dtype) not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not one of float16, bfloat16, float32"
+    b, tq, h, d = q.shape
+    if k.shape != v.shape:
+        return f"k and v must have the same shape, got {k.shape} and {v.shape}"
+    if k.shape[0] != b or k.shape[3] != d:
+        return f"k/v {k.shape} do not match q {q.shape} in batch or head_dim"
+    tk, hkv = k.shape[1], k.shape[2]
+    if min(tq, tk, h, hkv, d) < 1:
+        return "empty dimension"
+    if h % hkv:
+        return f"query heads {h} must be a multiple of kv heads {hkv}"
+    if causal and tq > tk:
+        return f"causal with more queries (q_len {tq}) than keys (kv_len {tk}): the first rows would see no key"
+    if segment_ids is None and kv_segment_ids is not None:
+        return "kv_segment_ids without segment_ids"
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (b, tq):
+            return f"segment_ids must be [batch, q_len] = {(b, tq)}, got {segment_ids.shape}"
+        if kv_segment_ids is None and tq != tk:
+            return "segment_ids with q and kv of different lengths needs kv_segment_ids"
+        if kv_segment_ids is not None and tuple(kv_segment_ids.shape) != (b, tk):
+            return f"kv_segment_ids must be [batch, kv_len] = {(b, tk)}, got {kv_segment_ids.shape}"
+        for s in (segment_ids, kv_segment_ids):
+            if s is not None and not jnp.issubdtype(s.dtype, jnp.integer):
+                return f"segment ids must be integers, got {s.dtype}"
+    return None
+
