@@ -42,6 +42,9 @@ def _model(
             scan_layers=False,
             remat="none",  # none | full | dots
             attn_impl="auto",
+            # Low-rank adapters (rank 0: none). With rank > 0 only the adapters train, and only
+            # they go into the optimiser state and the checkpoints (vlm_jax.layers.lora).
+            lora=dict(rank=0, alpha=16.0, targets="query,value"),
         )
     )
 

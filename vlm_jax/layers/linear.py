@@ -40,6 +40,11 @@ class DenseGeneral(nn.Module):
     Unlike nn.DenseGeneral, the kernel is created in its final shape, so its logical-partitioning
     box never holds a flattened value (flax would then apply a constraint of the wrong rank
     whenever a mesh is active, e.g. in its param shape check during apply).
+
+    lora_rank > 0 adds a low-rank adapter (Hu et al. 2021): y += (x . lora_a) . lora_b * alpha / rank,
+    lora_a [*in, rank] Gaussian (std 1/sqrt(fan_in)), lora_b [rank, *features] zeros, so a fresh
+    adapter leaves the output unchanged. Which params train is the optimiser's business
+    (vlm_jax.layers.lora).
     """
 
     features: tuple[int, ...]
@@ -47,6 +52,8 @@ class DenseGeneral(nn.Module):
     kernel_axes: tuple[str | None, ...]
     use_bias: bool = True
     dtype: Any = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -79,4 +86,31 @@ class DenseGeneral(nn.Module):
                 jnp.float32,
             )
             y = y + bias.astype(self.dtype)
+        if self.lora_rank > 0:
+            y = y + self._lora(x, axis, in_shape)
         return y
+
+    def _lora(self, x: jax.Array, axis: tuple[int, ...], in_shape: tuple[int, ...]) -> jax.Array:
+        n_in, rank = len(axis), self.lora_rank
+        fan_in = 1
+        for d in in_shape:
+            fan_in *= d
+        a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(fan_in**-0.5), self.kernel_axes[:n_in] + (None,)
+            ),
+            in_shape + (rank,),
+            jnp.float32,
+        )
+        b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.kernel_axes[n_in:]),
+            (rank,) + tuple(self.features),
+            jnp.float32,
+        )
+        h = jax.lax.dot_general(
+            x.astype(self.dtype), a.astype(self.dtype), ((axis, tuple(range(n_in))), ((), ()))
+        )
+        y = jax.lax.dot_general(h, b.astype(self.dtype), (((h.ndim - 1,), (0,)), ((), ())))
+        return y * jnp.asarray(self.lora_alpha / rank, self.dtype)

@@ -18,6 +18,7 @@ tokens (a whole prompt for prefill, or one token per step) and attends over the 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +33,27 @@ from vlm_jax.layers.norms import RMSNorm
 from vlm_jax.layers.transformer import REMAT_POLICIES
 
 _ACT_AXES = ("batch", "length", "embed")
+PROJECTIONS = ("query", "key", "value", "out", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the named projections (rank 0: none); see layers.linear.DenseGeneral."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(PROJECTIONS)
+        if unknown:
+            raise ValueError(f"lora targets {sorted(unknown)} are not projections of {PROJECTIONS}")
+
+    def dense_kwargs(self, name: str) -> dict:
+        """DenseGeneral's lora_rank / lora_alpha for the projection `name`."""
+        if self.rank > 0 and name in self.targets:
+            return dict(lora_rank=self.rank, lora_alpha=self.alpha)
+        return {}
 
 
 def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
@@ -62,6 +84,7 @@ class Attention(nn.Module):
     decode: bool = False
     dtype: Any = jnp.float32
     impl: str = "auto"
+    lora: LoraSpec = LoraSpec()
 
     @nn.compact
     def __call__(
@@ -72,7 +95,8 @@ class Attention(nn.Module):
 
         def project(name: str, heads: int, axes: tuple[str, str, str]) -> jax.Array:
             y = DenseGeneral(
-                (heads, self.head_dim), (-1,), axes, use_bias=False, dtype=self.dtype, name=name
+                (heads, self.head_dim), (-1,), axes, use_bias=False, dtype=self.dtype, name=name,
+                **self.lora.dense_kwargs(name),
             )(x)
             return nn.with_logical_constraint(y, ("batch", "length", axes[1], "kv"))
 
@@ -106,7 +130,8 @@ class Attention(nn.Module):
             q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
             y = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl)
         return DenseGeneral(
-            (width,), (-2, -1), ("heads", "kv", "embed"), use_bias=False, dtype=self.dtype, name="out"
+            (width,), (-2, -1), ("heads", "kv", "embed"), use_bias=False, dtype=self.dtype, name="out",
+            **self.lora.dense_kwargs("out"),
         )(y.astype(self.dtype))
 
 
@@ -115,13 +140,14 @@ class SwiGLU(nn.Module):
 
     mlp_dim: int
     dtype: Any = jnp.float32
+    lora: LoraSpec = LoraSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, E] -> [B, T, E]."""
         width = x.shape[-1]
         dense = lambda f, axes, name: DenseGeneral(  # noqa: E731
-            (f,), (-1,), axes, use_bias=False, dtype=self.dtype, name=name
+            (f,), (-1,), axes, use_bias=False, dtype=self.dtype, name=name, **self.lora.dense_kwargs(name)
         )
         h = nn.silu(dense(self.mlp_dim, ("embed", "mlp"), "gate")(x)) * dense(
             self.mlp_dim, ("embed", "mlp"), "up"
@@ -143,6 +169,7 @@ class DecoderBlock(nn.Module):
     decode: bool = False
     dtype: Any = jnp.float32
     impl: str = "auto"
+    lora: LoraSpec = LoraSpec()
     # Under nn.scan the body maps (carry, *broadcast) -> (carry, None).
     scanned: bool = False
 
@@ -162,10 +189,11 @@ class DecoderBlock(nn.Module):
             self.decode,
             self.dtype,
             self.impl,
+            self.lora,
             name="attn",
         )(y, positions, segment_ids)
         y = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
-        x = x + SwiGLU(self.mlp_dim, self.dtype, name="mlp")(y)
+        x = x + SwiGLU(self.mlp_dim, self.dtype, self.lora, name="mlp")(y)
         x = nn.with_logical_constraint(x, _ACT_AXES)
         return (x, None) if self.scanned else x
 
@@ -188,6 +216,7 @@ class Llama(nn.Module):
     scan_layers: bool = False
     remat: str = "none"  # none | full | dots
     attn_impl: str = "auto"
+    lora: LoraSpec = LoraSpec()
 
     @nn.compact
     def __call__(
@@ -196,9 +225,14 @@ class Llama(nn.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         decode: bool = False,
+        train: bool = False,
     ) -> jax.Array:
         """tokens [B, T], positions [B, T] (None: 0..T-1, or after the cache), segment_ids [B, T]
-        (packed rows: pass positions restarting per segment) -> logits float32 [B, T, vocab]."""
+        (packed rows: pass positions restarting per segment) -> logits float32 [B, T, vocab].
+
+        `train` is accepted for the trainer's common interface; LLaMA has no dropout.
+        """
+        del train
         if self.heads % self.kv_heads:
             raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {self.kv_heads}")
         head_dim = self.head_dim or self.width // self.heads
@@ -221,6 +255,7 @@ class Llama(nn.Module):
             decode=decode,
             dtype=self.dtype,
             impl=self.attn_impl,
+            lora=self.lora,
         )
         if self.scan_layers:
             stack = nn.scan(
@@ -274,4 +309,15 @@ def from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> Llama:
         scan_layers=get("scan_layers", False),
         remat=get("remat", "none"),
         attn_impl=get("attn_impl", "auto"),
+        lora=_lora_spec(get("lora", None)),
     )
+
+
+def _lora_spec(cfg: Any) -> LoraSpec:
+    """LoraSpec from a model.lora section {rank, alpha, targets} (None or rank 0: no adapters)."""
+    if not cfg or not cfg.get("rank", 0):
+        return LoraSpec()
+    targets = cfg.get("targets", LoraSpec.targets)
+    if isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    return LoraSpec(int(cfg["rank"]), float(cfg.get("alpha", 16.0)), tuple(targets))
