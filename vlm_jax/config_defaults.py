@@ -35,8 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = ml_collections.ConfigDict(
         dict(
-            source="world",  # world | coco | jsonl
-            path="",  # coco: annotations json; jsonl: the .jsonl file
+            source="world",  # world | coco | jsonl; text only: world_text | world_instruct | alpaca
+            path="",  # coco: annotations json; jsonl: the .jsonl file; alpaca: .json / .jsonl
+            eval_path="",  # alpaca: the evaluation items
             image_root="",  # folder the image paths are relative to
             tfds_data_dir="",  # '' -> ~/.cache/vlm_jax/tfds
             world_seed=0,
@@ -50,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
             # Contrastive tasks: each image also gets a wrong caption of its own as an extra
             # negative (the world's attribute-swapped captions; NegCLIP-style hard negatives).
             hard_negatives=False,
+            # Language models: several examples per row, each its own segment (attention and loss
+            # stay inside it); instruction tuning: the loss on the prompt too, not only the response.
+            packing=False,
+            train_on_prompt=False,
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             max_bad_fraction=0.01,  # the run fails if more examples than this are unusable
@@ -72,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
             min_lr_ratio=0.0,
             clip_norm=1.0,  # 0 disables
             accum_steps=1,
+            # A regex over param paths ('layers_0/attn/query/kernel'): only matching params train
+            # (the rest are frozen, without optimiser state). '' trains everything. LoRA overrides.
+            trainable="",
         )
     )
     config.train = ml_collections.ConfigDict(
@@ -83,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=2,
             async_checkpoints=True,
             progress=True,
+            # Params to start from: another run's workdir (its latest checkpoint) or a
+            # `vlm-jax convert` output. Only the params are taken, not the optimiser or the data.
+            init_from="",
         )
     )
     config.mesh, config.sharding_rules = default_mesh_and_rules()

@@ -389,11 +389,18 @@ def train_batches(
     process_count: int = 1,
     seed: int | None = None,
     source: Any = None,
-) -> TrainIterator:
+) -> TrainIterator | Any:
     """This host's infinite stream of batches of config.data.batch_size // process_count examples.
 
     `source` overrides make_source(config, "train") (any object with len and getitem -> record).
+    Text-only sources (data.text.SOURCES) give language-model batches (data.text.train_batches).
     """
+    from vlm_jax.data import text
+
+    if config.data.source in text.SOURCES:
+        return text.train_batches(
+            config, tokenizer, process_index=process_index, process_count=process_count, seed=seed, source=source
+        )
     batch_size = int(config.data.batch_size)
     if batch_size % process_count:
         raise ValueError(f"data.batch_size {batch_size} is not divisible by {process_count} hosts")

@@ -117,10 +117,13 @@ def load_or_train(config: Any, workdir: str | os.PathLike | None) -> Tokenizer:
     model_path = os.path.join(workdir, MODEL_FILENAME)
     if os.path.isfile(model_path):
         return Tokenizer.load(model_path)
-    from vlm_jax.data import world  # imported late: only a first run needs the world's text
+    # Imported late: only a first run needs the world's text.
+    from vlm_jax.data import text, world
 
     os.makedirs(workdir, exist_ok=True)
-    texts = world.text_corpus(seed=int(config.data.world_seed))
+    seed = int(config.data.world_seed)
+    # Language models also meet the instruction prompts and sums: their tokenizer learns those too.
+    texts = text.tokenizer_corpus(seed) if config.data.source in text.SOURCES else world.text_corpus(seed=seed)
     return Tokenizer.train(texts, model_path[: -len(".model")], int(config.tokenizer.vocab_size))
 
 

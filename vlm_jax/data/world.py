@@ -358,3 +358,123 @@ def text_corpus(seed: int = 0, num: int = 5000) -> Iterator[str]:
     for template in PROMPT_TEMPLATES:
         for name in CLASS_NAMES:
             yield template.format(name)
+
+
+# ----------------------------------------------------------------------------- instructions
+# A small instruction set in the Alpaca format ({instruction, input, output}): questions about a
+# scene given as text (its description is the input), and arithmetic without an input. Items of
+# the validation and test splits are held out: their scenes are new (half with a held-out main
+# colour-shape pair) and their arithmetic uses operand pairs that training never shows.
+
+INSTRUCTION_KINDS: tuple[str, ...] = (
+    "count", "colour_of", "shape_of", "where", "exists", "large", "list_colours", "arithmetic",
+)  # fmt: skip
+ARITHMETIC_MAX = 12  # operands 0..12
+
+
+def arithmetic_held_out(a: int, b: int, op: str) -> bool:
+    """Whether an arithmetic item (a op b) is held out of training: about one pair in seven."""
+    return (3 * a + 5 * b + (op == "minus")) % 7 == 0
+
+
+def _arithmetic(rng: np.random.Generator, split: str) -> dict[str, str]:
+    """{instruction, input '', output, expr} for a sum or difference (never negative)."""
+    while True:
+        op = "plus" if rng.random() < 0.5 else "minus"
+        a, b = int(rng.integers(ARITHMETIC_MAX + 1)), int(rng.integers(ARITHMETIC_MAX + 1))
+        if op == "minus" and b > a:
+            a, b = b, a
+        if arithmetic_held_out(a, b, op) == (split != "train"):
+            break
+    phrasing = _pick(rng, ("what is {} {} {}?", "compute {} {} {}.", "how much is {} {} {}?"))
+    return {
+        "instruction": phrasing.format(a, op, b),
+        "input": "",
+        "output": str(a + b if op == "plus" else a - b),
+        "expr": f"{a} {op} {b}",
+    }
+
+
+def _unique(objects: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    values = [o[key] for o in objects]
+    return [o for o in objects if values.count(o[key]) == 1]
+
+
+def _scene_instruction(
+    rng: np.random.Generator, objects: list[dict[str, Any]], kind: str, split: str
+) -> dict[str, str]:
+    """One question about the scene; the scene's description is the input."""
+    scene = _description(objects)
+    main, n = objects[0], len(objects)
+    noun = "shapes" if rng.random() < 0.5 else "objects"
+    if kind == "count":
+        q, a = f"how many {noun} are there?", NUMBER_WORDS[n]
+    elif kind == "colour_of" and _unique(objects, "shape"):
+        obj = _pick(rng, _unique(objects, "shape"))
+        q, a = f"what colour is the {obj['shape']}?", obj["color"]
+    elif kind == "shape_of" and _unique(objects, "color"):
+        obj = _pick(rng, _unique(objects, "color"))
+        q, a = f"what shape is the {obj['color']} object?", obj["shape"]
+    elif kind == "where":
+        obj = _pick(rng, objects)
+        q, a = f"where is the {_name(obj)}?", obj["position"]
+    elif kind == "exists":
+        present = {(o["color"], o["shape"]) for o in objects}
+        if rng.random() < 0.5:
+            (c, s), a = _pick(rng, sorted(present)), "yes"
+        else:
+            pool = [p for p in _allowed_pairs(split) if p not in present]
+            (c, s), a = _pick(rng, pool), "no"
+        q = f"is there a {c} {s}?"
+    elif kind == "large":
+        q, a = f"which of the {noun} is large?", f"the {_name(main)}"
+    elif kind == "list_colours":
+        q, a = "list the colours from the first shape to the last.", _join_plain([o["color"] for o in objects])
+    elif kind in ("colour_of", "shape_of"):
+        # Every object shares the asked-about attribute: nothing names one object; count instead.
+        return _scene_instruction(rng, objects, "count", split)
+    else:
+        raise ValueError(f"unknown scene instruction kind {kind!r}")
+    return {"instruction": q, "input": scene, "output": a}
+
+
+def _join_plain(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def instruction_example(index: int, split: str, *, seed: int = 0) -> dict[str, Any]:
+    """Instruction item `index` of a split: {instruction, input, output, kind, held_out}.
+
+    held_out: the item names a held-out colour-shape pair or is a held-out arithmetic pair (for
+    validation and test every item is new; this marks the ones that are new in kind as well).
+    """
+    rng = np.random.default_rng([int(seed), SPLITS.index(_check_split(split)), int(index), 7])
+    kind = _pick(rng, INSTRUCTION_KINDS)
+    if kind == "arithmetic":
+        item = _arithmetic(rng, split)
+        del item["expr"]
+        held = split != "train"
+    else:
+        objects = sample_scene(rng, split)
+        item = _scene_instruction(rng, objects, kind, split)
+        held = any((o["color"], o["shape"]) in HELD_OUT_PAIRS for o in objects)
+    return {**item, "kind": kind, "held_out": bool(held)}
+
+
+def lm_document(index: int, *, seed: int = 0) -> str:
+    """A training document of plain text for language-model pretraining: everything said about one
+    train scene (description, captions, questions with answers, the conversation) and a few sums.
+
+    It uses the words and facts of the instruction set but never its prompt format, so a model
+    pretrained on it alone has not learned to follow instructions.
+    """
+    rng = np.random.default_rng([int(seed), 0, int(index), 11])
+    objects = sample_scene(rng, "train")
+    text = texts(rng, objects, "train")
+    parts = [_description(objects), _pick(rng, text["captions"])]
+    parts += [f"{qa['question']} {qa['answer']}." for qa in text["qa"]]
+    parts += [turn["text"] for turn in text["conversation"]]
+    for _ in range(2):
+        item = _arithmetic(rng, "train")
+        parts.append(f"{item['expr']} is {item['output']}.")
+    return " ".join(parts)
