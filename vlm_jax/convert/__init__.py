@@ -114,8 +114,17 @@ def from_hf(
 
 
 def to_hf(config: ml_collections.ConfigDict, params: dict[str, Any], path: str) -> None:
-    """Writes `params` (scanned or not) as a Hugging Face model directory that transformers loads."""
-    name = (config.model if "model" in config else config).name
+    """Writes `params` (scanned or not) as a Hugging Face model directory that transformers loads.
+
+    LoRA adapters in params are merged into their base weights first (alpha from the config).
+    """
+    from vlm_jax.layers import lora
+
+    model_cfg = config.model if "model" in config else config
+    name = model_cfg.name
     if name not in _EXPORTERS:
         raise ConversionError(f"no Hugging Face exporter for model {name!r}; known: {sorted(_EXPORTERS)}")
-    _EXPORTERS[name].to_hf(config, jax.device_get(nn.unbox(params)), path)
+    params = jax.device_get(nn.unbox(params))
+    if lora.has_adapters(params):
+        params = jax.device_get(lora.merge(params, float((model_cfg.get("lora") or {}).get("alpha", 16.0))))
+    _EXPORTERS[name].to_hf(config, params, path)

@@ -37,24 +37,36 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec
 
 
 def logical_specs(abstract_tree: Any) -> Any:
-    """Tree of logical PartitionSpecs (names like 'embed') from boxed (nn.Partitioned) leaves."""
-    return nn.get_partition_spec(abstract_tree)
+    """Tree of logical PartitionSpecs (names like 'embed') from boxed (nn.Partitioned) leaves.
+
+    A box around an empty node (optax's MaskedNode where a frozen param has no optimiser state)
+    gives that empty node, so the specs keep the structure of the unboxed tree.
+    """
+
+    def spec(x):
+        if isinstance(x, nn.meta.AxisMetadata):
+            value = x.unbox()
+            return value if not jax.tree.leaves(value) else nn.get_partition_spec(x)
+        return PartitionSpec()
+
+    return jax.tree.map(spec, abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def mesh_shardings(abstract_tree: Any, mesh: Mesh, rules: Any) -> Any:
     """NamedShardings for a tree that may hold nn.Partitioned boxes; unboxed leaves replicate."""
     specs = logical_specs(abstract_tree)
     unboxed = nn.meta.unbox(abstract_tree)
-    mesh_specs = nn.logical_to_mesh(specs, as_rules(rules))
+    rules = as_rules(rules)
 
     def to_sharding(spec, leaf):
         shape = getattr(leaf, "shape", ())
         spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
-        return NamedSharding(mesh, _fit(spec, shape, mesh))
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else PartitionSpec()
+        return NamedSharding(mesh, _fit(mesh_spec, shape, mesh))
 
-    return jax.tree.map(
-        to_sharding, mesh_specs, unboxed, is_leaf=lambda x: isinstance(x, PartitionSpec)
-    )
+    # Leaf by leaf: nn.logical_to_mesh on the whole tree would take empty tuple nodes (optax's
+    # MaskedNode for frozen params) for specs.
+    return jax.tree.map(to_sharding, specs, unboxed, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_sharding(mesh: Mesh, rules: Any, ndim: int) -> NamedSharding:

@@ -112,3 +112,59 @@ class Checkpointer:
         """Finishes pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _params_location(source: str) -> tuple[str, int | None]:
+    """(directory of a PyTree checkpoint whose tree has 'params', step) for init_from's forms."""
+    source = os.path.abspath(os.path.expanduser(source))
+    if os.path.isdir(os.path.join(source, "params")) and not os.path.isdir(os.path.join(source, "checkpoints")):
+        return os.path.join(source, "params"), None  # `vlm-jax convert` output: the params tree itself
+    directory = source if os.path.basename(source) == "checkpoints" else os.path.join(source, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"init_from {source!r}: neither a run's workdir (with checkpoints/) nor a converted model (with params/)"
+        )
+    steps = ocp.utils.checkpoint_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"init_from {source!r}: no checkpoint in {directory}")
+    return os.path.join(directory, str(max(steps)), "state"), max(steps)
+
+
+def restore_params(source: str, abstract_params: Any) -> Any:
+    """The params of another run's latest checkpoint (or of a converted model) that the abstract
+    params tree names, laid out as its shardings. Every named leaf must exist with the same
+    shape; leaves of the source that are not named are left on disk."""
+    path, step = _params_location(source)
+    handler = ocp.PyTreeCheckpointHandler()
+    stored = handler.metadata(epath_of(path))
+    stored = getattr(stored, "tree", stored)
+    if step is not None:
+        stored = stored.get("params") if isinstance(stored, dict) else None
+        if stored is None:
+            raise CheckpointMismatchError(f"init_from {source!r}: the checkpoint's state has no params")
+    have = _leaves_by_path(stored)
+    problems = []
+    for name, leaf in _leaves_by_path(abstract_params).items():
+        got = have.get(name)
+        if got is None:
+            problems.append(f"{name}: missing from {source}")
+        elif tuple(got.shape) != tuple(leaf.shape):
+            problems.append(f"{name}: {source} has {tuple(got.shape)}, the model {tuple(leaf.shape)}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        raise CheckpointMismatchError(f"init_from {source!r} does not fit this model:\n  {shown}")
+    item = abstract_params if step is None else {"params": abstract_params}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None), dtype=a.dtype), item
+    )
+    restored = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
+    )
+    return restored if step is None else restored["params"]
+
+
+def epath_of(path: str) -> Any:
+    """An etils path (what Orbax handlers take) for a local directory."""
+    from etils import epath
+
+    return epath.Path(path)

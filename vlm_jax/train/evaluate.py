@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 
 from vlm_jax import evals, models, tasks
@@ -11,7 +12,7 @@ from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.train import optim
 from vlm_jax.train.checkpoint import Checkpointer
-from vlm_jax.train.trainer import sharding_context, state_initializer
+from vlm_jax.train.trainer import load_state, sharding_context, state_initializer
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None) -> dict:
@@ -29,12 +30,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
         config, tokenizer, process_index=hosts.process_index(), process_count=hosts.process_count()
     )
     model = models.build(config)
-    tx = optim.make_optimizer(config.optim, int(config.train.steps))
+    tx = optim.make_optimizer(config.optim, int(config.train.steps), optim.trainable_fn(config))
     task = tasks.get(config.task.name)
     with batches:  # Only its first batch's shapes are needed.
         example = next(batches)
-    _, _, abstract = state_initializer(model, task, tx, example, mesh, config.sharding_rules)
-    state, _ = checkpointer.restore(step, abstract)
+    init, shardings, abstract = state_initializer(model, task, tx, example, mesh, config.sharding_rules)
+    rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # the trainer's init rng
+    state, _ = load_state(config, checkpointer, step, init, shardings, abstract, rng)
     checkpointer.close()
     results = {}
     with sharding_context(mesh, config.sharding_rules):

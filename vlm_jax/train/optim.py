@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import optax
+
+from vlm_jax.layers import lora
 
 # Leaves with these names are weight matrices; everything else (biases, norm scales, the CLIP
 # temperature and bias, positional/class embeddings) is not decayed.
@@ -42,8 +45,27 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     )
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """optax chain: clip by global norm, then the optimiser with the scheduled learning rate."""
+def trainable_fn(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+    """params -> bool tree of the params that train, or None when all do.
+
+    LoRA (config.model.lora.rank > 0): only the adapters. Else config.optim.trainable, a regex
+    searched in each param path ('' = everything).
+    """
+    model = config.get("model") or {}
+    adapters = bool((model.get("lora") or {}).get("rank", 0))
+    pattern = str(config.optim.get("trainable", "") or "")
+    if not adapters and not pattern:
+        return None
+    return lambda params: lora.trainable_mask(params, adapters_only=adapters, pattern=pattern)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, trainable: Callable[[Any], Any] | None = None
+) -> optax.GradientTransformation:
+    """optax chain: clip by global norm, then the optimiser with the scheduled learning rate.
+
+    trainable (from trainable_fn): the other params are frozen; they keep no optimiser state.
+    """
     schedule = learning_rate_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(
@@ -58,4 +80,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
     else:
         raise ValueError(f"unknown optimiser {cfg.name!r}; use adamw or sgd")
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    return optax.chain(*parts, opt)
+    tx = optax.chain(*parts, opt)
+    if trainable is None:
+        return tx
+    labels = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))  # noqa: E731
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

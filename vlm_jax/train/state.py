@@ -47,6 +47,9 @@ def make_train_step(
     can report the step instead of training on.
     """
     accum = int(config.optim.accum_steps)
+    from vlm_jax.train.optim import trainable_fn
+
+    trainable = trainable_fn(config)
 
     def grads_of(params, model_state, batch, rng):
         def f(p):
@@ -78,6 +81,9 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss = losses.mean()
             metrics = jax.tree.map(jnp.mean, metrics)
+        if trainable is not None:
+            # Frozen params' gradients are never used, so XLA drops their computation.
+            grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable(grads))
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)

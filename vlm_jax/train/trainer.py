@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax import evals, models, tasks
+from vlm_jax.layers import lora
 from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.rules import as_rules, mesh_shardings
@@ -135,6 +136,48 @@ def jit_train_step(
     )
 
 
+def checkpoint_view(trainable: Any, state: dict) -> dict:
+    """The part of the state a checkpoint holds: all of it, or only the trained params (frozen ones
+    are restored from their source instead of being stored again with every run)."""
+    if trainable is None:
+        return state
+    return {**state, "params": lora.subset(state["params"], trainable(state["params"]))}
+
+
+def initial_params(config: ml_collections.ConfigDict, params: Any, abstract_params: Any) -> Any:
+    """Fresh params, with those that config.train.init_from has (another run's latest checkpoint
+    or a converted model) loaded over them. LoRA adapters, which a base model lacks, stay fresh."""
+    source = str(config.train.get("init_from", "") or "")
+    if not source:
+        return params
+    from vlm_jax.train.checkpoint import restore_params
+
+    base = lambda tree: lora.subset(tree, jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: not lora.is_adapter(path), tree))
+    loaded = restore_params(source, base(abstract_params))
+    log.info("initialised params from %s", source)
+    return lora.overlay(params, loaded)
+
+
+def load_state(
+    config: ml_collections.ConfigDict, checkpointer: Checkpointer, step: int | None, init: Any,
+    shardings: Any, abstract: Any, rng: jax.Array,
+) -> tuple[dict, dict | None]:
+    """(state, data_state): the checkpoint at `step`, or a fresh state (init_from applied) when step
+    is None. A checkpoint without the frozen params gets them from init_from / the seed."""
+    trainable = optim.trainable_fn(config)
+    state = None
+    if step is None or trainable is not None:
+        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+        state["params"] = initial_params(config, state["params"], abstract["params"])
+    if step is None:
+        return state, None
+    restored, data_state = checkpointer.restore(step, checkpoint_view(trainable, abstract))
+    if state is not None:
+        restored = {**restored, "params": lora.overlay(state["params"], restored["params"])}
+    return restored, data_state
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -173,21 +216,24 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
     # Model, optimiser and the sharded state.
     model = models.build(config)
     task = tasks.get(config.task.name)
-    tx = optim.make_optimizer(config.optim, total_steps)
+    trainable = optim.trainable_fn(config)
+    tx = optim.make_optimizer(config.optim, total_steps, trainable)
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     init, shardings, abstract = state_initializer(model, task, tx, first_local, mesh, rules)
+    # With frozen params (LoRA, optim.trainable) checkpoints hold only the trained ones; the
+    # frozen ones come back from init_from (or the seed) on resume.
+    view = functools.partial(checkpoint_view, trainable)
 
     checkpointer = Checkpointer(
         workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints
     )
     start = checkpointer.latest_step()
+    state, data_state = load_state(config, checkpointer, start, init, shardings, abstract, init_rng)
     if start is not None:
-        state, data_state = checkpointer.restore(start, abstract)
         batches.set_state(data_state)
         first_local = None
         log.info("resumed from step %d in %s", start, checkpointer.directory)
     else:
-        state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
         start = 0
 
     train_step = jit_train_step(model, task, tx, config, mesh, shardings, batch_shardings)
@@ -211,7 +257,7 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
         return results
 
     def save(step: int, force: bool = False) -> None:
-        checkpointer.save(step, state, batches.get_state(), config, force=force)
+        checkpointer.save(step, view(state), batches.get_state(), config, force=force)
 
     step, eval_results, train_metrics = start, {}, {}
     nonfinite = _NonFiniteGuard(int(config.train.get("max_nonfinite_steps", 5)), is_main)
