@@ -8,8 +8,9 @@ mlp_norm/scale [E], mlp/{gate [E, F], up [E, F], down [F, E]}; final_norm/scale 
 lm_head/kernel [E, V] (untied only).
 
 Decoding: `decode=True` keeps a KV cache in the flax "cache" collection, per layer
-attn/{cached_key, cached_value [B, max_len, Hkv, D], cache_index []}. Each call appends its T
-tokens (a whole prompt for prefill, or one token per step) and attends over the cache:
+attn/{cached_key, cached_value [B, max_len, Hkv, D], cached_segment [B, max_len], cache_index []}.
+Each call appends its T tokens (a whole prompt for prefill, or one token per step) and attends
+over the cache; segment_ids under decode mark padding (0: never attended; see vlm_jax.sampling):
 
     cache = init_cache(model, batch_size)
     logits, vars = model.apply({"params": p, "cache": cache}, prompt, decode=True, mutable=["cache"])
@@ -56,19 +57,31 @@ class LoraSpec:
         return {}
 
 
-def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, index: jax.Array) -> jax.Array:
+def _cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    index: jax.Array,
+    q_segment: jax.Array | None = None,
+    kv_segment: jax.Array | None = None,
+) -> jax.Array:
     """q [B, T, H, D] at cache slots index..index+T-1 over k/v [B, S, Hkv, D] -> [B, T, H, D].
 
     Query i sees cache slots j <= index + i (the earlier tokens and its own); slots past the
-    ones written so far are masked. The mask depends on a traced index, which the kernels'
-    static causal mask cannot express, so this small einsum does it (decode is memory-bound).
+    ones written so far are masked. With q_segment int [B, T] and kv_segment int [B, S] (the
+    segment ids cached per slot) a query also sees only the slots of its own segment, so the
+    padding slots of a left-padded batch (segment 0) are never attended by real tokens. The
+    mask depends on a traced index, which the kernels' static causal mask cannot express, so
+    this small einsum does it (decode is memory-bound).
     """
     b, t, h, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     qg = q.reshape(b, t, hkv, h // hkv, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * d**-0.5
-    mask = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]  # [T, S]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    mask = (jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None])[None]  # [1, T, S]
+    if q_segment is not None:
+        mask = mask & (q_segment[:, :, None] == kv_segment[:, None, :])  # [B, T, S]
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhgqk,bkhd->bqhgd", weights, v).reshape(b, t, h, d)
 
@@ -105,11 +118,13 @@ class Attention(nn.Module):
         v = project("value", self.num_kv_heads, ("embed", "kv_heads", "kv"))
 
         if self.decode:
-            if segment_ids is not None:
-                raise ValueError("decode=True does not take segment_ids (one sequence per row)")
+            # segment_ids [B, T] here mark padding: each token's id (None: all 1) is cached with
+            # its k/v, and a token attends only to the cached slots of its own id. A batch of
+            # prompts left-padded with id 0 then never attends its padding (vlm_jax.sampling).
             shape = (b, self.max_len, self.num_kv_heads, self.head_dim)
             ck = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
             cv = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
+            cs = self.variable("cache", "cached_segment", jnp.zeros, (b, self.max_len), jnp.int32)
             ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
             index = ci.value
             if positions is None:
@@ -122,8 +137,10 @@ class Attention(nn.Module):
                 zero = jnp.zeros((), jnp.int32)
                 ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(self.dtype), (zero, index, zero, zero))
                 cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(self.dtype), (zero, index, zero, zero))
+                seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+                cs.value = jax.lax.dynamic_update_slice(cs.value, seg, (zero, index))
                 ci.value = index + t
-                y = _cached_attention(q, ck.value, cv.value, index)
+                y = _cached_attention(q, ck.value, cv.value, index, seg, cs.value)
         else:
             if positions is None:
                 positions = jnp.arange(t)[None]
@@ -228,7 +245,8 @@ class Llama(nn.Module):
         train: bool = False,
     ) -> jax.Array:
         """tokens [B, T], positions [B, T] (None: 0..T-1, or after the cache), segment_ids [B, T]
-        (packed rows: pass positions restarting per segment) -> logits float32 [B, T, vocab].
+        (packed rows: pass positions restarting per segment; under decode: 0 marks padding, which
+        is cached and never attended) -> logits float32 [B, T, vocab].
 
         `train` is accepted for the trainer's common interface; LLaMA has no dropout.
         """

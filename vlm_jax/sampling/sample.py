@@ -1,0 +1,194 @@
+"""Sampling text from a trained run: restore its latest checkpoint, stream the generated text.
+
+The functions the `vlm-jax sample` subcommand calls:
+
+    load_for_sampling(workdir: str, config: ml_collections.ConfigDict | None = None, *,
+                      step: int | None = None) -> tuple[config, model, params, tokenizer]
+    run_sample(workdir: str, prompt: str, *, config: ml_collections.ConfigDict | None = None,
+               max_new_tokens: int = 64, method: str = "greedy", temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 1.0, beam_size: int = 4, length_penalty: float = 0.6,
+               seed: int = 0, step: int | None = None, out: TextIO | None = sys.stdout) -> str
+
+load_for_sampling: the config is `config` if given, else <workdir>/config.json, else the one
+stored with the checkpoint; only the params of the checkpoint at `step` (default: the latest) are
+read (not the optimiser state), onto the first local device; params a run does not checkpoint
+(frozen ones under LoRA) come from config.train.init_from or the seed, as on resume; the
+tokenizer is vlm_jax.data.tokenizer.load_or_train(config, workdir).
+
+run_sample: the prompt is encoded as [bos] + pieces (raw text, no template), generation stops at
+eos or after max_new_tokens (clamped to what the model's cache can still hold), and the text is
+written to `out` as it is generated (the newly completed text after each token, then a newline;
+out=None: silent). method: greedy | sample | beam (see vlm_jax.sampling.decode). Returns the
+generated text (without the prompt).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, TextIO
+
+import jax
+import ml_collections
+
+from vlm_jax.sampling.decode import decoder_for, stream
+
+
+def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
+    from vlm_jax import config as config_lib
+    from vlm_jax.train.checkpoint import Checkpointer
+
+    path = os.path.join(workdir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return config_lib.from_json(f.read())
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        return checkpointer.restore_config(step)
+    finally:
+        checkpointer.close()
+
+
+def _restore_params(directory: str, step: int) -> Any:
+    """The "params" subtree of the train state saved at `step` (the rest is left on disk)."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(
+        directory,
+        # All items named (the other two unread), so orbax does not warn about unknown ones.
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(create=False),
+    )
+    try:
+        stored = manager.item_metadata(step)["state"]
+        stored = getattr(stored, "tree", stored)
+        if stored is None or "params" not in stored:
+            raise ValueError(f"checkpoint {directory}/{step} has no params")
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        item = {
+            "params": jax.tree.map(
+                lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding), stored["params"]
+            )
+        }
+        args = ocp.args.PyTreeRestore(
+            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+        return restored["state"]["params"]
+    finally:
+        manager.close()
+
+
+def _leaf_paths(tree: Any) -> set[str]:
+    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _complete_params(config: ml_collections.ConfigDict, model: Any, params: Any) -> Any:
+    """The model's full params. Runs with frozen params (LoRA, optim.trainable) checkpoint only the
+    trained ones; the others come from config.train.init_from, else from the seed's init, as when
+    the trainer resumes. (The init feeds tokens [1, 1]: a token-input model such as LLaMA.)"""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    def init(rng):
+        variables = model.init({"params": rng, "dropout": rng}, jnp.zeros((1, 1), jnp.int32), train=False)
+        return nn.meta.unbox(variables["params"])
+
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    want, have = _leaf_paths(abstract), _leaf_paths(params)
+    if have - want:
+        extra = ", ".join(sorted(have - want)[:10])
+        raise ValueError(f"the checkpoint's params do not fit the model (not in the model: {extra})")
+    if want == have:
+        return params
+    from vlm_jax.layers import lora
+    from vlm_jax.train.trainer import initial_params
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # the trainer's
+    fresh = initial_params(config, jax.jit(init)(init_rng), abstract)
+    return lora.overlay(fresh, params)
+
+
+def load_for_sampling(
+    workdir: str, config: ml_collections.ConfigDict | None = None, *, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, Any, Any, Any]:
+    """(config, model, params, tokenizer) of the run in workdir at `step` (default: the latest)."""
+    from vlm_jax import models
+    from vlm_jax.data import tokenizer as tokenizer_lib
+    from vlm_jax.train.checkpoint import Checkpointer
+
+    workdir = os.path.abspath(workdir)
+    checkpointer = Checkpointer(workdir, async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+    finally:
+        checkpointer.close()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    if config is None:
+        config = _saved_config(workdir, step)
+    model = models.build(config)
+    params = _complete_params(config, model, _restore_params(checkpointer.directory, step))
+    tokenizer = tokenizer_lib.load_or_train(config, workdir)
+    return config, model, params, tokenizer
+
+
+def _emit(out: TextIO | None, shown: str, text: str, final: bool = False) -> str:
+    """Writes what `text` adds to the `shown` prefix; holds back a trailing partial character."""
+    stable = text if final else text.rstrip("\ufffd")
+    if out is not None and stable.startswith(shown) and len(stable) > len(shown):
+        out.write(stable[len(shown):])
+        out.flush()
+        return stable
+    return shown
+
+
+def run_sample(
+    workdir: str,
+    prompt: str,
+    *,
+    config: ml_collections.ConfigDict | None = None,
+    max_new_tokens: int = 64,
+    method: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    beam_size: int = 4,
+    length_penalty: float = 0.6,
+    seed: int = 0,
+    step: int | None = None,
+    out: TextIO | None = sys.stdout,
+) -> str:
+    """Continues `prompt` with the run's latest model, streaming the text to `out`; returns it."""
+    config, model, params, tokenizer = load_for_sampling(workdir, config, step=step)
+    decoder = decoder_for(model)
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("empty prompt and no bos token to start from")
+    if decoder.max_len is not None:
+        room = decoder.max_len - len(ids) + 1
+        if room < 1:
+            raise ValueError(f"the prompt's {len(ids)} tokens do not fit the model's {decoder.max_len} positions")
+        max_new_tokens = min(max_new_tokens, room)
+    stops = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
+    generated: list[int] = []
+    shown = ""
+    for tok in stream(
+        decoder, params, ids, max_new_tokens=max_new_tokens, method=method, temperature=temperature,
+        top_k=top_k, top_p=top_p, beam_size=beam_size, length_penalty=length_penalty, stop_tokens=stops,
+        rng=seed, pad_id=tokenizer.pad_id,
+    ):
+        generated.append(tok)
+        shown = _emit(out, shown, tokenizer.decode(generated))
+    text = tokenizer.decode(generated)
+    _emit(out, shown, text, final=True)
+    if out is not None:
+        out.write("\n")
+        out.flush()
+    return text
