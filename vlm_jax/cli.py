@@ -1,9 +1,10 @@
-"""`vlm-jax train|eval|data|convert`: the command line.
+"""`vlm-jax train|eval|sample|data|convert`: the command line.
 
     vlm-jax train --config configs/clip.py:tiny --workdir runs/clip [--config.optim.lr=3e-4 ...]
     vlm-jax eval  --workdir runs/clip [--config configs/clip.py:tiny]
     vlm-jax data preview --config configs/clip.py:tiny --out preview.png
     vlm-jax convert --from-hf path/to/hf_dir --out converted/
+    vlm-jax sample --workdir runs/alpaca/instruct --prompt "what is 3 plus 4?"
 """
 
 from __future__ import annotations
@@ -61,11 +62,24 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_train(args, overrides) -> int:
+    from vlm_jax.train import stages
     from vlm_jax.train.trainer import train
 
     config = _load_config(args.config, None, overrides)
-    summary = train(config, args.workdir)
-    _print_summary(summary)
+    if not stages.stage_names(config):
+        _print_summary(train(config, args.workdir))
+        return 0
+    summaries = stages.train_stages(config, args.workdir)
+    for name, summary in summaries:
+        print(f"\n== stage {name}: {summary['workdir']}")
+        _print_summary(summary)
+    if len(summaries) > 1:
+        print("\n== by stage")
+        keys = sorted({k for _, s in summaries for k in s.get("eval", {})})
+        print(f"  {'metric':36s} " + " ".join(f"{n:>10s}" for n, _ in summaries))
+        for key in keys:
+            row = " ".join(f"{s.get('eval', {}).get(key, float('nan')):10.4f}" for _, s in summaries)
+            print(f"  {key:36s} {row}")
     return 0
 
 
@@ -75,6 +89,27 @@ def cmd_eval(args, overrides) -> int:
     config = _load_config(args.config, args.workdir, overrides)
     summary = evaluate(config, args.workdir, step=args.step)
     _print_summary(summary)
+    return 0
+
+
+def cmd_sample(args, overrides) -> int:
+    from vlm_jax.data import text
+    from vlm_jax.sampling import sample
+
+    config = _load_config(args.config, args.workdir, overrides)
+    prompt = args.prompt
+    template = args.template
+    if template == "auto":
+        template = "alpaca" if config.data.source in ("world_instruct", "alpaca") else "none"
+    if template == "alpaca":
+        prompt = text.format_prompt(args.prompt, args.input)
+    elif args.input:
+        raise config_lib.ConfigError("--input needs --template alpaca")
+    sample.run_sample(
+        args.workdir, prompt, config=config, max_new_tokens=args.max_new_tokens, method=args.method,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size,
+        seed=args.seed, step=args.step,
+    )
     return 0
 
 
@@ -118,6 +153,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("sample", help="generate text from a run's checkpoint, streamed as it comes")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--config", default=None, help="default: the run's config.json")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--input", default="", help="the Alpaca input field (with --template alpaca)")
+    p.add_argument("--template", choices=["auto", "alpaca", "none"], default="auto",
+                   help="auto: the Alpaca prompt for instruction-tuned runs, raw text otherwise")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=None)
+    p.set_defaults(fn=cmd_sample)
     p = sub.add_parser("data", help="look at the data")
     p.add_argument("action", choices=["preview"])
     p.add_argument("--config", required=True)

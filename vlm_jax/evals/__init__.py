@@ -3,7 +3,8 @@
     config.evals.val = dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=1024)
 
 reports `val/zero_shot_top1`, `val/i2t_r1`, ... Kinds: zero_shot, retrieval (image-text models with
-encode_image/encode_text) and accuracy (classifiers).
+encode_image/encode_text), accuracy (classifiers) and exact_match (instruction following, on its
+own: evals.instruct).
 """
 
 from __future__ import annotations
@@ -101,7 +102,16 @@ class Evaluator:
         return {f"{self.name}/{k}": v for k, v in out.items()}
 
 
-def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, mesh: Mesh) -> list[Evaluator]:
-    """The evaluators of config.evals, in order."""
-    evals = config.get("evals") or {}
-    return [Evaluator(name, cfg, config, model, tokenizer, mesh) for name, cfg in evals.items()]
+def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, mesh: Mesh) -> list[Any]:
+    """The evaluators of config.evals, in order (exact_match: evals.instruct.InstructEvaluator)."""
+    from vlm_jax.evals.instruct import InstructEvaluator
+
+    out = []
+    for name, cfg in (config.get("evals") or {}).items():
+        if "exact_match" in cfg.kinds:
+            if set(cfg.kinds) != {"exact_match"}:
+                raise ValueError(f"evaluator {name!r}: exact_match cannot be combined with {list(cfg.kinds)}")
+            out.append(InstructEvaluator(name, cfg, config, model, tokenizer))
+        else:
+            out.append(Evaluator(name, cfg, config, model, tokenizer, mesh))
+    return out

@@ -1,0 +1,77 @@
+"""Runs made of stages (pretrain, then instruction-tune; LLaVA's two stages): each stage is a run
+of its own in <workdir>/<stage>, starting from the previous stage's params and tokenizer.
+
+    config.stages = dict(
+        order=("pretrain", "instruct"),
+        pretrain=dict(data=dict(source="world_text"), train=dict(steps=1500)),
+        instruct=dict(data=dict(source="world_instruct"), optim=dict(lr=3e-4)),
+    )
+
+A stage's entries override the config's keys (an unknown key is an error, as on the command line).
+Re-running the command resumes: finished stages are not trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import ml_collections
+
+from vlm_jax import config as config_lib
+
+
+def _flatten(node: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The stages in order; [] for a single-stage config."""
+    stages = config.get("stages")
+    if not stages:
+        return []
+    order = stages.get("order") or ()
+    order = [s.strip() for s in order.split(",")] if isinstance(order, str) else list(order)
+    missing = [s for s in order if s not in stages]
+    if not order or missing:
+        raise config_lib.ConfigError(f"config.stages.order {order} names stages without a section: {missing}")
+    return order
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str, previous: str | None) -> ml_collections.ConfigDict:
+    """The config of one stage: the base config with the stage's overrides, and, after the first
+    stage, init_from and the tokenizer of the previous stage (unless the stage sets them)."""
+    stage = copy.deepcopy(config)
+    overrides = _flatten(config.stages[name])
+    with stage.unlocked():
+        del stage["stages"]
+    config_lib.apply_overrides(stage, overrides)
+    if previous is not None:
+        if "train.init_from" not in overrides:
+            stage.train.init_from = previous
+        if "tokenizer.path" not in overrides and not stage.tokenizer.get("path"):
+            stage.tokenizer.path = os.path.join(previous, "tokenizer.model")
+    return stage
+
+
+def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs: Any) -> list[tuple[str, dict]]:
+    """Trains every stage in order; returns [(stage name, trainer summary)]."""
+    from vlm_jax.train.trainer import train
+
+    workdir = os.path.abspath(workdir)
+    summaries, previous = [], None
+    for name in stage_names(config):
+        stage_dir = os.path.join(workdir, name)
+        summary = train(stage_config(config, name, previous), stage_dir, **train_kwargs)
+        summaries.append((name, summary))
+        if not summary.get("finished"):
+            break  # preempted: the next run resumes this stage
+        previous = stage_dir
+    return summaries
