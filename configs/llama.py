@@ -3,7 +3,8 @@
     vlm-jax train --config configs/llama.py:tiny --workdir runs/llama
 
 Variants: tiny (CPU, minutes, the built-in world's text), llama_7b, llama2_7b, llama2_13b,
-llama2_70b, llama3_8b (the published sizes: Touvron et al. 2023a/b, Meta 2024).
+llama2_70b, llama3_8b (the published sizes: Touvron et al. 2023a/b, Meta 2024), tinyllama_1b
+(TinyLlama 1.1B, Zhang et al. 2024: LLaMA 2's architecture at 22 layers of width 2048).
 """
 
 import ml_collections
@@ -17,6 +18,7 @@ _PUBLISHED = {
     "llama2_13b": (32000, 5120, 40, 40, 40, 13824, 1e-5, 10000.0, 4096),
     "llama2_70b": (32000, 8192, 80, 64, 8, 28672, 1e-5, 10000.0, 4096),
     "llama3_8b": (128256, 4096, 32, 32, 8, 14336, 1e-5, 500000.0, 8192),
+    "tinyllama_1b": (32000, 2048, 22, 32, 4, 5632, 1e-5, 10000.0, 2048),
 }
 
 

@@ -12,42 +12,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 
 from vlm_jax import config as config_lib
 from vlm_jax import models, tasks
+from vlm_jax.bench.common import (
+    PeerSkipped, describe_optimizer, import_torch, load_average, load_note, num_cores, time_steps,
+    torch_optimizer, torch_threads, torch_train_step, trainer_step,
+)
 from vlm_jax.cli import _split_overrides
 from vlm_jax.layers.transformer import mlp_dim_from
-from vlm_jax.parallel import hosts
-from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.train import optim
-from vlm_jax.train.trainer import jit_train_step, sharding_context, state_initializer
 
 # Our activation names -> Hugging Face's ACT2FN names.
 _HF_ACTS = dict(gelu="gelu", gelu_tanh="gelu_pytorch_tanh", quick_gelu="quick_gelu", relu="relu",
                 silu="silu", tanh="tanh")
-
-
-class PeerSkipped(Exception):
-    """The PyTorch peer cannot run for this config or environment (the message says why)."""
-
-
-def num_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # Not Linux.
-        return os.cpu_count() or 1
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
@@ -81,18 +65,6 @@ def _random_batch(config: ml_collections.ConfigDict, batch_size: int, seed: int)
     return {"image": images, "tokens": tokens.astype(np.int32)}
 
 
-def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> dict[str, float]:
-    """Runs `step` (which must block until done) warmup + steps times; per-step seconds."""
-    times = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    timed = times[warmup:]
-    return dict(first_step_s=times[0], median_step_s=statistics.median(timed),
-                mean_step_s=sum(timed) / len(timed))
-
-
 def _group(name: str) -> str:
     head = name.split(".")[0].split("/")[0]
     if head in ("logit_scale", "logit_bias"):
@@ -115,31 +87,8 @@ def bench_ours(
     devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
     """Times our train step, built and jitted exactly as vlm_jax.train.trainer builds it."""
-    mesh = make_mesh(config.mesh, devices)
-    rules = config.sharding_rules
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if len(batch["image"]) % batch_devices:
-        raise config_lib.ConfigError(
-            f"batch size {len(batch['image'])} is not divisible by the {batch_devices} devices the "
-            "batch is split over"
-        )
     model = models.build(config)
-    task = tasks.get(config.task.name)
-    tx = optim.make_optimizer(config.optim, int(config.train.steps))
-    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    init, shardings, abstract = state_initializer(model, task, tx, batch, mesh, rules)
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(init_rng)
-    batch_shardings = hosts.batch_shardings(batch, mesh, rules)
-    train_step = jit_train_step(model, task, tx, config, mesh, shardings, batch_shardings)
-    global_batch = hosts.global_batch(batch, batch_shardings)
-    holder = {"state": state}
-
-    def one_step() -> None:
-        with sharding_context(mesh, rules):
-            new_state, metrics = train_step(holder["state"], global_batch, step_rng)
-        holder["state"] = new_state
-        jax.block_until_ready((new_state, metrics))
-
+    one_step, abstract, mesh = trainer_step(config, model, tasks.get(config.task.name), batch, devices)
     timing = time_steps(one_step, steps, warmup)
     named = jax.tree_util.tree_flatten_with_path(abstract["params"])[0]
     sizes = [(jax.tree_util.keystr(path, simple=True, separator="/"), math.prod(leaf.shape))
@@ -334,20 +283,14 @@ def bench_peer(
     config: ml_collections.ConfigDict, batch: dict, steps: int, warmup: int
 ) -> dict[str, Any]:
     """Times a PyTorch CLIP of the same sizes; raises PeerSkipped when it cannot be built."""
-    try:
-        import torch
-        import transformers
-    except ImportError as e:
-        raise PeerSkipped(f"torch and transformers are needed for the peer: {e}")
+    torch, transformers = import_torch()
     if config.model.get("loss", "softmax") != "softmax":
         raise PeerSkipped(f"the peers train the softmax loss only, not {config.model.loss!r}")
     builders = {"vit": _build_hf_clip, "cnn": _build_cnn_clip, "resnet": _build_open_clip_resnet}
     kind = config.model.image.kind
     if kind not in builders:
         raise PeerSkipped(f"no peer for image kind {kind!r}")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(num_cores())
-    try:
+    with torch_threads() as threads:
         torch.manual_seed(int(config.seed))
         model, loss_of, name = builders[kind](config)
         model.float().train()
@@ -360,43 +303,18 @@ def bench_peer(
             np.concatenate([batch["tokens"], batch["negative_tokens"]]) if "negative_tokens" in batch
             else batch["tokens"]
         ).long()
-        cfg = config.optim
         params = [p for p in model.parameters() if p.requires_grad]
-        # Decay matrices (our mask decays `kernel`/`embedding` leaves); groups only change values.
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": float(cfg.weight_decay)},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        if cfg.name == "sgd":
-            opt_class, opt_kw = torch.optim.SGD, dict(momentum=float(cfg.b1))
-        else:
-            opt_class = torch.optim.AdamW
-            opt_kw = dict(betas=(float(cfg.b1), float(cfg.b2)), eps=float(cfg.eps))
-        try:
-            # torch's fastest CPU update; foreach measured several times slower on this model.
-            opt = opt_class(groups, lr=float(cfg.lr), fused=True, **opt_kw)
-        except (RuntimeError, TypeError):
-            opt = opt_class(groups, lr=float(cfg.lr), foreach=True, **opt_kw)
-
-        def one_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_of(images, tokens)
-            loss.backward()
-            if cfg.clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, float(cfg.clip_norm), foreach=True)
-            opt.step()
-
+        opt = torch_optimizer(params, config.optim)
+        one_step = torch_train_step(lambda: loss_of(images, tokens), params, opt,
+                                    config.optim.clip_norm)
         timing = time_steps(one_step, steps, warmup)
-        threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
     return dict(
         timing,
         name=f"{name}; torch {torch.__version__}, transformers {transformers.__version__}",
         examples_per_s=len(batch["image"]) / timing["median_step_s"],
         params=_param_groups([(n, p.numel()) for n, p in model.named_parameters()]),
         where=f"torch, {threads} threads",
-        optimizer=type(opt).__name__ + (" fused" if opt.defaults.get("fused") else " foreach"),
+        optimizer=describe_optimizer(opt),
         dtype="float32",
     )
 
@@ -416,7 +334,7 @@ def run(
     batch_size = int(batch_size or config.data.batch_size)
     batch = random_batch(config, batch_size, seed=int(config.seed))
     result: dict[str, Any] = dict(
-        load_before=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, cores=num_cores(),
+        load_before=load_average(), cores=num_cores(),
         config=config.get("config_spec", "?"), batch_size=batch_size, steps=steps, warmup=warmup,
         image_size=int(config.data.image_size), text_length=int(config.data.text_length),
         image_kind=config.model.image.kind, peer=None, peer_skipped=None, ratio=None,
@@ -469,10 +387,9 @@ def format_table(result: dict[str, Any]) -> str:
                      "PARAM COUNTS DIFFER: the two models are not the same architecture")
         if ours["dtype"] != "float32":
             lines.append(f"note: ours computes in {ours['dtype']}, the peer in float32")
-    if result["load_before"] > 0.5:
-        # OpenMP's spinning barriers stall when a core is taken away, so torch suffers most.
-        lines.append(f"note: load average {result['load_before']:.1f} on {result['cores']} cores "
-                     "before the run; other processes skew these timings (torch's the most)")
+    note = load_note(result["load_before"], result["cores"])
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 
