@@ -101,3 +101,36 @@ def test_ids_agree_with_tiny_clip_model():
     assert config.model.text.eos_id == tokenizer_lib.EOS_ID
     assert config.model.text.pad_id == tokenizer_lib.PAD_ID
     assert config.tokenizer.vocab_size <= config.model.text.vocab_size
+
+
+def test_llama_tokenizer_model_loads_with_llama_ids(tmp_path):
+    """A tokenizer.model with LLaMA's layout (unk 0, bos 1, eos 2, no pad, byte fallback, no
+    normalisation) loads as is; prompts encode as [bos] + pieces, as transformers' LlamaTokenizer does."""
+    import io
+    import json
+
+    import sentencepiece as spm
+
+    texts = ["Hello world, this is a test of the LLaMA tokenizer.", "Below is an instruction.", "what is 3 plus 4? 7"]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts * 100), model_writer=buf, vocab_size=300, model_type="bpe", unk_id=0,
+        bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, normalization_rule_name="identity",
+        hard_vocab_limit=False, minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = Tokenizer.load(tmp_path / "tokenizer.model")
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.pad_id == 0  # no pad: rows pad with 0
+    text = "Hello world!\nwhat is 3 plus 4?"
+    assert tok.decode(tok.encode(text)) == text  # case, newline and unseen characters survive
+    from vlm_jax.data import text as text_lib
+
+    record = {"instruction": "what is 3 plus 4?", "input": "", "output": "7"}
+    (ids, mask), = text_lib._Encode(text_lib._Records([record]), tok, 1024, False)(0, 0)["examples"]
+    assert ids[0] == 1 and ids[-1] == 2 and (ids[1:-1] != 2).all()
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": True})
+    )
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(text)["input_ids"] == [tok.bos_id] + tok.encode(text)

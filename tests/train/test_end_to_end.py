@@ -134,3 +134,41 @@ def test_cli_train_then_eval_then_preview(tiny_clip_config, tmp_path, capsys):
     assert png.exists() and png.stat().st_size > 1000
     assert main(["train", "--config", str(spec), "--workdir", workdir, "--config.optim.lrr=1"]) == 2
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_alpaca_stages_pretrain_then_instruct_then_sample(tmp_path, capsys):
+    """configs/alpaca.py:tiny, shrunk: two stages (the second starts from the first's params and
+    tokenizer), exact-match evals after each, losses fall, and `vlm-jax sample` streams an answer."""
+    from vlm_jax.data import text
+    from vlm_jax.data.tokenizer import Tokenizer
+
+    Tokenizer.train(text.tokenizer_corpus(0, 300), str(tmp_path / "tok"), 512)
+    argv = [
+        "train", "--config", "configs/alpaca.py:tiny", "--workdir", str(tmp_path / "run"),
+        f"--config.tokenizer.path={tmp_path / 'tok.model'}",
+        "--config.model.width=32", "--config.model.heads=4", "--config.model.kv_heads=2",
+        "--config.model.depth=2", "--config.model.mlp_dim=64", "--config.data.batch_size=8",
+        "--config.train.progress=False", "--config.train.async_checkpoints=False", "--config.train.log_every=1",
+        "--config.evals.val.num_examples=16", "--config.evals.val.max_new_tokens=4",
+        "--config.stages.pretrain.train.steps=12", "--config.stages.instruct.train.steps=12",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== stage pretrain" in out and "== stage instruct" in out and "== by stage" in out
+    for stage in ("pretrain", "instruct"):
+        losses = _losses(tmp_path / "run" / stage)
+        assert len(losses) == 12 and losses[-1] < losses[0]
+        assert 0.0 <= _metric(tmp_path / "run" / stage, "val/exact_match")[-1] <= 1.0
+    saved = config_lib.from_json((tmp_path / "run" / "instruct" / "config.json").read_text())
+    assert saved.train.init_from == str(tmp_path / "run" / "pretrain")
+    assert saved.data.source == "world_instruct" and "stages" not in saved
+    assert main(["sample", "--workdir", str(tmp_path / "run" / "instruct"), "--prompt", "what is 2 plus 3?",
+                 "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    # An unknown key in a stage is an error naming the nearest key, as on the command line.
+    with pytest.raises(config_lib.ConfigError, match="did you mean"):
+        from vlm_jax.train import stages
+
+        bad = config_lib.load("configs/alpaca.py:tiny")
+        bad.stages.pretrain.optim = ml_collections.ConfigDict(dict(lrr=1.0))
+        stages.stage_config(bad, "pretrain", None)

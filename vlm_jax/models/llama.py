@@ -135,8 +135,15 @@ class Attention(nn.Module):
                 y = kernels.attention(q, k, v, causal=True, impl=self.impl)
             else:
                 zero = jnp.zeros((), jnp.int32)
-                ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(self.dtype), (zero, index, zero, zero))
-                cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(self.dtype), (zero, index, zero, zero))
+                # The cache is laid out like the activations: rows over the batch axes, kv heads
+                # over `tensor` (where the rules say so).
+                cache_axes = ("batch", "length", "kv_heads", "kv")
+                ck.value = nn.with_logical_constraint(
+                    jax.lax.dynamic_update_slice(ck.value, k.astype(self.dtype), (zero, index, zero, zero)), cache_axes
+                )
+                cv.value = nn.with_logical_constraint(
+                    jax.lax.dynamic_update_slice(cv.value, v.astype(self.dtype), (zero, index, zero, zero)), cache_axes
+                )
                 seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
                 cs.value = jax.lax.dynamic_update_slice(cs.value, seg, (zero, index))
                 ci.value = index + t
