@@ -49,70 +49,34 @@ def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
         checkpointer.close()
 
 
-def _restore_params(directory: str, step: int) -> Any:
-    """The "params" subtree of the train state saved at `step` (the rest is left on disk)."""
-    import orbax.checkpoint as ocp
-
-    manager = ocp.CheckpointManager(
-        directory,
-        # All items named (the other two unread), so orbax does not warn about unknown ones.
-        item_handlers={
-            "state": ocp.PyTreeCheckpointHandler(),
-            "data": ocp.JsonCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(create=False),
-    )
-    try:
-        stored = manager.item_metadata(step)["state"]
-        stored = getattr(stored, "tree", stored)
-        if stored is None or "params" not in stored:
-            raise ValueError(f"checkpoint {directory}/{step} has no params")
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        item = {
-            "params": jax.tree.map(
-                lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=sharding), stored["params"]
-            )
-        }
-        args = ocp.args.PyTreeRestore(
-            item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=args))
-        return restored["state"]["params"]
-    finally:
-        manager.close()
-
-
-def _leaf_paths(tree: Any) -> set[str]:
-    return {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _complete_params(config: ml_collections.ConfigDict, model: Any, params: Any) -> Any:
-    """The model's full params. Runs with frozen params (LoRA, optim.trainable) checkpoint only the
-    trained ones; the others come from config.train.init_from, else from the seed's init, as when
-    the trainer resumes. (The init feeds tokens [1, 1]: a token-input model such as LLaMA.)"""
+def _load_params(config: ml_collections.ConfigDict, model: Any, workdir: str, step: int) -> Any:
+    """The model's full params from the checkpoint at `step`, onto the first local device. Runs with
+    frozen params (LoRA, optim.trainable) checkpoint only the trained ones; the others come from
+    config.train.init_from, else from the seed's init, as when the trainer resumes. (The init feeds
+    tokens [1, 1]: a token-input model such as LLaMA.)"""
     import flax.linen as nn
     import jax.numpy as jnp
+
+    from vlm_jax.layers import lora
+    from vlm_jax.train.checkpoint import restore_params
+    from vlm_jax.train.optim import trainable_fn
+    from vlm_jax.train.trainer import initial_params
 
     def init(rng):
         variables = model.init({"params": rng, "dropout": rng}, jnp.zeros((1, 1), jnp.int32), train=False)
         return nn.meta.unbox(variables["params"])
 
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    want, have = _leaf_paths(abstract), _leaf_paths(params)
-    if have - want:
-        extra = ", ".join(sorted(have - want)[:10])
-        raise ValueError(f"the checkpoint's params do not fit the model (not in the model: {extra})")
-    if want == have:
-        return params
-    from vlm_jax.layers import lora
-    from vlm_jax.train.trainer import initial_params
-
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), jax.eval_shape(init, jax.random.PRNGKey(0))
+    )
+    trainable = trainable_fn(config)
+    if trainable is None:
+        return restore_params(workdir, abstract, step=step)
+    stored = restore_params(workdir, lora.subset(abstract, trainable(abstract)), step=step)
     init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # the trainer's
-    fresh = initial_params(config, jax.jit(init)(init_rng), abstract)
-    return lora.overlay(fresh, params)
+    fresh = initial_params(config, jax.jit(init, out_shardings=sharding)(init_rng), abstract)
+    return lora.overlay(fresh, stored)
 
 
 def load_for_sampling(
@@ -134,7 +98,7 @@ def load_for_sampling(
     if config is None:
         config = _saved_config(workdir, step)
     model = models.build(config)
-    params = _complete_params(config, model, _restore_params(checkpointer.directory, step))
+    params = _load_params(config, model, workdir, step)
     tokenizer = tokenizer_lib.load_or_train(config, workdir)
     return config, model, params, tokenizer
 

@@ -114,8 +114,9 @@ class Checkpointer:
         self._manager.close()
 
 
-def _params_location(source: str) -> tuple[str, int | None]:
-    """(directory of a PyTree checkpoint whose tree has 'params', step) for init_from's forms."""
+def _params_location(source: str, step: int | None = None) -> tuple[str, int | None]:
+    """(directory of a PyTree checkpoint whose tree has 'params', step) for init_from's forms:
+    a run's workdir (its checkpoint at `step`, default the latest) or a converted model."""
     source = os.path.abspath(os.path.expanduser(source))
     if os.path.isdir(os.path.join(source, "params")) and not os.path.isdir(os.path.join(source, "checkpoints")):
         return os.path.join(source, "params"), None  # `vlm-jax convert` output: the params tree itself
@@ -127,14 +128,18 @@ def _params_location(source: str) -> tuple[str, int | None]:
     steps = ocp.utils.checkpoint_steps(directory)
     if not steps:
         raise FileNotFoundError(f"init_from {source!r}: no checkpoint in {directory}")
-    return os.path.join(directory, str(max(steps)), "state"), max(steps)
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise FileNotFoundError(f"{source!r} has no checkpoint at step {step} (it has {sorted(steps)})")
+    return os.path.join(directory, str(step), "state"), step
 
 
-def restore_params(source: str, abstract_params: Any) -> Any:
-    """The params of another run's latest checkpoint (or of a converted model) that the abstract
-    params tree names, laid out as its shardings. Every named leaf must exist with the same
-    shape; leaves of the source that are not named are left on disk."""
-    path, step = _params_location(source)
+def restore_params(source: str, abstract_params: Any, *, step: int | None = None) -> Any:
+    """The params of a run's checkpoint at `step` (default: the latest), or of a converted model,
+    that the abstract params tree names, laid out as its shardings. Every named leaf must exist
+    with the same shape; leaves of the source that are not named are left on disk."""
+    path, step = _params_location(source, step)
     handler = ocp.PyTreeCheckpointHandler()
     stored = handler.metadata(epath_of(path))
     stored = getattr(stored, "tree", stored)
