@@ -75,11 +75,12 @@ def decode_png(data: bytes) -> np.ndarray:
 class VlmWorld(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for the built-in synthetic world (vlm_jax.data.world)."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "negative_captions (hard negatives).",
         "1.2.0": "A caption phrasing that names only the main object.",
+        "1.3.0": "A second main-object phrasing: 'the large shape is a red circle.'.",
     }
     BUILDER_CONFIGS = [make_config(32), make_config(64)]
 

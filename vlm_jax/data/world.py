@@ -204,10 +204,11 @@ def _join(phrases: list[str]) -> str:
 
 
 def captions(objects: list[dict[str, Any]]) -> list[str]:
-    """Five phrasings, main object first, in <= 14 words.
+    """Six phrasings, main object first, in <= 14 words.
 
-    Four name every object; the last, as people describe a busy picture, names only the main
-    (large) object and counts the small ones: "a large red circle and two small shapes.".
+    Four name every object; the last two, as people describe a busy picture, name only the main
+    (large) object: "a large red circle and two small shapes." and "the large shape is a red
+    circle.".
     """
     plain = _join([_name(o) for o in objects])
     sized = _join([_name(o, size=True) for o in objects])
@@ -225,6 +226,7 @@ def captions(objects: list[dict[str, Any]]) -> list[str]:
         f"{sized}." if short else f"an image with {sized}.",
         f"{placed}." if short else f"there is {placed}.",
         salient,
+        f"the large shape is a {_name(objects[0])}.",
     ]
 
 
