@@ -78,3 +78,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.evals = ml_collections.ConfigDict()
         return config
     raise ValueError(f"unknown alpaca variant {arg!r}; choose tiny, llama_7b or llama2_7b")
+
+
+def get_sweep(arg: str | None = "tiny") -> list[dict]:
+    """Override dicts for `launch/sweep.py --config configs/alpaca.py:<arg>`, one run each.
+
+    tiny: the instruct stage's learning rate x the loss on the prompt too (the pretrain stage is
+    the same in every run). llama_7b / llama2_7b: full tuning at the Stanford recipe's 2e-5
+    against LoRA of rank 8, 16 and 64 at 3e-4 (pass --config.train.init_from and the data paths to
+    the sweep as to `vlm-jax train`).
+    """
+    arg = arg or "tiny"
+    if arg == "tiny":
+        return [
+            {"stages.instruct.optim.lr": lr, "data.train_on_prompt": on_prompt}
+            for lr in (3e-4, 1e-3, 3e-3)
+            for on_prompt in (False, True)
+        ]
+    if arg in ("llama_7b", "llama2_7b"):
+        return [{"model.lora.rank": 0, "optim.lr": 2e-5}] + [
+            {"model.lora.rank": rank, "optim.lr": 3e-4} for rank in (8, 16, 64)
+        ]
+    raise ValueError(f"unknown alpaca variant {arg!r}; choose tiny, llama_7b or llama2_7b")

@@ -98,3 +98,21 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         dict(val=dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=1024))
     )
     return config
+
+
+def get_sweep(arg: str | None = "tiny") -> list[dict]:
+    """Override dicts for `launch/sweep.py --config configs/clip.py:<arg>`, one run each.
+
+    tiny: learning rate x hard negatives (does NegCLIP-style hard negatives help at each lr?);
+    published sizes: the learning rate around the paper's 5e-4.
+    """
+    arg = arg or "tiny"
+    if arg == "tiny":
+        return [
+            {"optim.lr": lr, "data.hard_negatives": hard}
+            for lr in (1e-3, 1.5e-3, 2e-3)
+            for hard in (True, False)
+        ]
+    if arg in _PUBLISHED:
+        return [{"optim.lr": lr} for lr in (2.5e-4, 5e-4, 1e-3)]
+    raise ValueError(f"unknown clip variant {arg!r}; choose tiny, rn50, b32, b16 or l14")

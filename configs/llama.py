@@ -87,3 +87,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # not divide, e.g. 8 kv heads on a 16-way tensor axis).
     config.sharding_rules.append(["kv_heads", "tensor"])
     return config
+
+
+def get_sweep(arg: str | None = "tiny") -> list[dict]:
+    """Override dicts for `launch/sweep.py --config configs/llama.py:<arg>`, one run each.
+
+    tiny: learning rate x depth; published sizes: the learning rate around 3e-4.
+    """
+    arg = arg or "tiny"
+    if arg == "tiny":
+        return [{"optim.lr": lr, "model.depth": depth} for lr in (5e-4, 1e-3, 2e-3) for depth in (2, 4)]
+    if arg in _PUBLISHED:
+        return [{"optim.lr": lr} for lr in (1.5e-4, 3e-4, 6e-4)]
+    raise ValueError(f"unknown llama variant {arg!r}; choose tiny, {', '.join(_PUBLISHED)}")

@@ -105,3 +105,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         dict(val=dict(kinds=("accuracy",), split="validation", num_examples=1024))
     )
     return config
+
+
+def get_sweep(arg: str | None = "tiny") -> list[dict]:
+    """Override dicts for `launch/sweep.py --config configs/vit.py:<arg>`, one run each.
+
+    tiny: learning rate x weight decay; published sizes: the learning rate around 1e-3.
+    """
+    arg = arg or "tiny"
+    if arg == "tiny":
+        return [
+            {"optim.lr": lr, "optim.weight_decay": wd} for lr in (5e-4, 1e-3, 2e-3) for wd in (0.0, 0.05)
+        ]
+    if arg in _PUBLISHED:
+        return [{"optim.lr": lr} for lr in (5e-4, 1e-3, 2e-3)]
+    raise ValueError(f"unknown vit variant {arg!r}; choose tiny, b16, l16 or h14")
