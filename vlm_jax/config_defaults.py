@@ -17,7 +17,7 @@ DEFAULT_RULES = (
     ("layers", None),
     ("patch", None),
     ("codebook", None),
-    ("conv_in", "fsdp"),
+    ("conv_in", None),
     ("conv_out", "tensor"),
     ("classes", None),
 )
