@@ -61,15 +61,68 @@ def _print_summary(summary: dict) -> None:
         print(f"checkpoints: {summary['checkpoint_dir']}")
 
 
+def _join_run(args) -> bool:
+    """jax.distributed.initialize for a multi-host run (flags, VLM_JAX_* variables or the
+    cluster); False for a plain single-process run."""
+    from vlm_jax.parallel import distributed
+
+    options = distributed.Options.from_env(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id, local_device_count=args.local_device_count,
+        initialization_timeout=args.initialization_timeout, heartbeat_timeout=args.heartbeat_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    if not distributed.initialize(options, verbose=True):
+        return False
+    import jax
+
+    print(
+        f"vlm-jax: process {jax.process_index()} of {jax.process_count()} "
+        f"({jax.local_device_count()} of {jax.device_count()} devices; a lost process stops the run "
+        f"within {options.heartbeat_timeout} s)", file=sys.stderr, flush=True,
+    )
+    return True
+
+
 def cmd_train(args, overrides) -> int:
+    from vlm_jax.parallel import distributed
+
+    config = _load_config(args.config, None, overrides)
+    if not _join_run(args):
+        return _train(config, args)
+    import jax
+
+    try:
+        status = _train(config, args, main=jax.process_index() == 0)
+    except BaseException:  # noqa: BLE001
+        # Out at once, without the exit barrier: the other hosts are probably blocked in a
+        # collective with this one, and a dead process stops them within the heartbeat timeout
+        # (a barrier would hold them up to the shutdown timeout first).
+        import traceback
+
+        print(f"vlm-jax: process {jax.process_index()} of {jax.process_count()} failed:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    distributed.shutdown()  # Waits for the other hosts to finish too.
+    return status
+
+
+def _train(config, args, main: bool = True) -> int:
     from vlm_jax.train import stages
     from vlm_jax.train.trainer import train
 
-    config = _load_config(args.config, None, overrides)
     if not stages.stage_names(config):
-        _print_summary(train(config, args.workdir))
+        summary = train(config, args.workdir, stop_at_step=args.stop_at_step)
+        if main:
+            _print_summary(summary)
+        else:
+            print(f"step {summary['step']}" + (" (preempted: saved and stopped)" if summary["preempted"] else ""))
         return 0
-    summaries = stages.train_stages(config, args.workdir)
+    summaries = stages.train_stages(config, args.workdir, stop_at_step=args.stop_at_step)
+    if not main:
+        return 0
     for name, summary in summaries:
         print(f"\n== stage {name}: {summary['workdir']}")
         _print_summary(summary)
@@ -147,6 +200,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run")
     p.add_argument("--config", required=True, help="path.py[:variant]")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="save and stop once this step is reached (as a preemption would)")
+    g = p.add_argument_group(
+        "multi-host", "jax.distributed.initialize: automatic under SLURM, Open MPI and on Cloud TPU pods; "
+        "explicit with these flags or VLM_JAX_COORDINATOR_ADDRESS, VLM_JAX_NUM_PROCESSES, VLM_JAX_PROCESS_ID "
+        "(VLM_JAX_DISTRIBUTED=0: never, =1: always, with JAX's own detection)")
+    g.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    g.add_argument("--num_processes", type=int, default=None)
+    g.add_argument("--process_id", type=int, default=None, help="0 .. num_processes - 1")
+    g.add_argument("--local_device_count", type=int, default=None,
+                   help="fake CPU devices per process [VLM_JAX_LOCAL_DEVICE_COUNT]")
+    g.add_argument("--initialization_timeout", type=int, default=None,
+                   help="seconds to wait for all processes to join [VLM_JAX_INITIALIZATION_TIMEOUT, 300]")
+    g.add_argument("--heartbeat_timeout", type=int, default=None,
+                   help="seconds after which a silent process counts as dead and the run stops "
+                        "[VLM_JAX_HEARTBEAT_TIMEOUT, 60]")
+    g.add_argument("--shutdown_timeout", type=int, default=None,
+                   help="seconds the exit barrier waits for the other processes [VLM_JAX_SHUTDOWN_TIMEOUT, 120]")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("eval", help="evaluate a run's latest checkpoint")
     p.add_argument("--config", default=None)
@@ -169,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None)
     p.set_defaults(fn=cmd_sample)
+    from vlm_jax import plan
+
+    plan.add_subparser(sub)
     p = sub.add_parser("data", help="look at the data")
     p.add_argument("action", choices=["preview"])
     p.add_argument("--config", required=True)
@@ -193,6 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.fn(args, overrides)
     except config_lib.ConfigError as e:
         print(f"vlm-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from vlm_jax.parallel.distributed import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"vlm-jax: multi-host: {e}", file=sys.stderr)
         return 2
 
 

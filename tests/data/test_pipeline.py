@@ -159,7 +159,7 @@ def test_per_host_shards_are_disjoint_and_cover_the_epoch(tok):
         it = pipeline.train_batches(config, tok, process_index=host, process_count=2, source=src)
         batches = _take(it, 2)  # 2 batches of 4 = this host's 8 examples = one epoch
         assert all(b["image"].shape[0] == 4 for b in batches)
-        seen.append({int(l) for b in batches for l in b["label"]})
+        seen.append({int(label) for b in batches for label in b["label"]})
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(16))
 
 

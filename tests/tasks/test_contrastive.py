@@ -18,9 +18,9 @@ def test_softmax_loss_matches_numpy():
     scale = 7.0
     logits = scale * img @ txt.T
 
-    def ce(l):
-        l = l - l.max(1, keepdims=True)
-        return -np.mean(np.diag(l) - np.log(np.exp(l).sum(1)))
+    def ce(z):
+        z = z - z.max(1, keepdims=True)
+        return -np.mean(np.diag(z) - np.log(np.exp(z).sum(1)))
 
     want = 0.5 * (ce(logits) + ce(logits.T))
     got = softmax_loss(jnp.asarray(img), jnp.asarray(txt), jnp.asarray(scale))

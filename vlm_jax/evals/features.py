@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vlm_jax.parallel.rules import batch_sharding
 
@@ -27,7 +27,8 @@ class BatchedApply:
             kwargs = {"method": getattr(model, method)} if method else {}
             return model.apply(variables, x, **kwargs)
 
-        self._fn = jax.jit(fn)
+        # Replicated outputs: on several hosts a batch-sharded output could not be fetched whole.
+        self._fn = jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def __call__(self, params: Any, model_state: dict, x: np.ndarray) -> np.ndarray:
         """Outputs for all N inputs, float32 numpy."""

@@ -41,7 +41,11 @@ def sharding_context(mesh: jax.sharding.Mesh, rules: Any):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop polls: save, then exit cleanly."""
+    """Turns SIGTERM into a flag the loop polls: save, then exit cleanly.
+
+    On several hosts the loop does not act on its own flag but on hosts.AnyHost's vote over all
+    of them, so a SIGTERM to any one host makes every host save the same step and stop.
+    """
 
     def __init__(self):
         self.requested = False
@@ -189,6 +193,11 @@ def train(
 
     stop_at_step: save and return once this step is reached (as a preemption would).
     devices: the devices of the mesh (default: all).
+
+    On several hosts (vlm_jax.parallel.distributed.initialize() first; `vlm-jax train` does),
+    every host calls this with the same arguments: each reads its own share of the data and keeps
+    its own iterator state in the checkpoints, host 0 writes metrics, and SIGTERM on any host
+    stops all of them at the same step.
     """
     # SIGTERM from here on means "save and stop", even while still compiling.
     with _Preemption() as preemption:
@@ -206,10 +215,19 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
     # Data and tokenizer.
     from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
 
-    tokenizer = tokenizer_lib.load_or_train(config, workdir)
-    batches = pipeline.train_batches(
-        config, tokenizer, process_index=hosts.process_index(), process_count=hosts.process_count()
-    )
+    def tokenizer_and_batches():
+        tokenizer = tokenizer_lib.load_or_train(config, workdir)
+        return tokenizer, pipeline.train_batches(
+            config, tokenizer, process_index=hosts.process_index(), process_count=hosts.process_count()
+        )
+
+    # Host 0 first: it trains the tokenizer into the workdir and builds a dataset cache (tfds)
+    # that the run lacks; then the other hosts load them instead of writing the same files.
+    if is_main:
+        tokenizer, batches = tokenizer_and_batches()
+    hosts.barrier("vlm_jax:tokenizer_and_data")
+    if not is_main:
+        tokenizer, batches = tokenizer_and_batches()
     first_local = next(batches)  # Also fixes the batch shapes the step is compiled for.
     batch_shardings = hosts.batch_shardings(first_local, mesh, rules)
 
@@ -230,7 +248,8 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
     start = checkpointer.latest_step()
     state, data_state = load_state(config, checkpointer, start, init, shardings, abstract, init_rng)
     if start is not None:
-        batches.set_state(data_state)
+        # Each host resumes its own iterator: the checkpoint holds one state per host.
+        batches.set_state(hosts.own_data_state(data_state))
         first_local = None
         log.info("resumed from step %d in %s", start, checkpointer.directory)
     else:
@@ -257,13 +276,18 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
         return results
 
     def save(step: int, force: bool = False) -> None:
-        checkpointer.save(step, view(state), batches.get_state(), config, force=force)
+        # Every host takes part (Orbax writes each host's shards); the data item holds the
+        # iterator state of every host, gathered from all of them.
+        data_state = hosts.data_state_for_checkpoint(batches.get_state())
+        checkpointer.save(step, view(state), data_state, config, force=force)
 
     step, eval_results, train_metrics = start, {}, {}
     nonfinite = _NonFiniteGuard(int(config.train.get("max_nonfinite_steps", 5)), is_main)
     lr_schedule = optim.learning_rate_schedule(config.optim, total_steps)
     t_log, step_log = time.perf_counter(), start
     preempted = False
+    # SIGTERM on any host stops all hosts at the same step (one tiny all-reduce per step).
+    any_host_preempted = hosts.AnyHost(mesh.devices.flat)
     try:
         while step < total_steps:
             local = first_local if first_local is not None else next(batches)
@@ -294,7 +318,9 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
                     eval_results = run_evals(step)
             if step % config.train.ckpt_every == 0 and step != total_steps:
                 save(step)
-            if preemption.requested or (stop_at_step is not None and step >= stop_at_step):
+            if any_host_preempted.vote(preemption.requested) or (
+                stop_at_step is not None and step >= stop_at_step
+            ):
                 preempted = True
                 break
         nonfinite.flush()
