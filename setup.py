@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # Parity tests compare against Hugging Face transformers on PyTorch (CPU build).
-        "test": ["pytest>=8", "torch==2.13.0", "transformers>=5,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5,<6"],
         "torch": ["torch==2.13.0", "transformers>=5,<6"],
     },
     entry_points={"console_scripts": ["vlm-jax=vlm_jax.cli:main"]},

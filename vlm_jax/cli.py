@@ -161,7 +161,7 @@ def cmd_sample(args, overrides) -> int:
     sample.run_sample(
         args.workdir, prompt, config=config, max_new_tokens=args.max_new_tokens, method=args.method,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size,
-        seed=args.seed, step=args.step,
+        seed=args.seed, step=args.step, out=sys.stdout,
     )
     return 0
 
