@@ -538,9 +538,12 @@ class LlamaDecoder:
 
 
 def decoder_for(model: Any) -> Decoder:
-    """The `Decoder` adapter of a model (LLaMA for now)."""
+    """The `Decoder` adapter of a model: LLaMA's, or the one a model's `make_decoder()` returns
+    (e.g. the captioners in vlm_jax.models.show_tell / show_attend_tell)."""
     from vlm_jax.models import llama
 
+    if callable(getattr(model, "make_decoder", None)):
+        return model.make_decoder()
     if isinstance(model, llama.Llama):
         return LlamaDecoder(model)
     raise TypeError(f"no decoder adapter for {type(model).__name__}; write one (see vlm_jax.sampling.decode)")

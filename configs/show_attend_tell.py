@@ -1,0 +1,88 @@
+"""Show, Attend and Tell (Xu et al. 2015): an LSTM captioner attending over a conv feature grid.
+
+    vlm-jax train --config configs/show_attend_tell.py:tiny --workdir runs/sat
+
+Variants: tiny (CPU, the built-in world: an 8x8x128 grid from a 3-stage VGG-style stack),
+published (VGG-16 conv5_3: 14x14x512 at 224, soft attention, gating scalar, lambda = 1).
+model.attention = "soft" | "hard" (hard: REINFORCE, see tasks/caption.py).
+"""
+
+import ml_collections
+
+from vlm_jax.config_defaults import base_config, default_mesh_and_rules
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    config = base_config()
+    config.task = ml_collections.ConfigDict(
+        dict(
+            name="caption",
+            pad_id=0,
+            attention_penalty=1.0,  # lambda of the doubly stochastic penalty
+            # Hard attention only: REINFORCE weight, entropy bonus, moving-average baseline decay.
+            reinforce_weight=1.0,
+            entropy_weight=0.01,
+            baseline_decay=0.9,
+        )
+    )
+    if arg == "tiny":
+        config.model = ml_collections.ConfigDict(
+            dict(
+                name="show_attend_tell",
+                vocab_size=512,
+                embed_dim=128,
+                hidden=256,
+                attn_dim=128,
+                attention="soft",
+                selector=True,  # the gating scalar beta
+                dropout=0.0,
+                dtype="float32",
+                encoder=dict(kind="vgg", stages=((1, 32), (1, 64), (1, 128)), norm="layer", freeze=False),
+            )
+        )
+        config.decode = ml_collections.ConfigDict(dict(method="beam", beam_size=3, max_new_tokens=19))
+        config.data.image_size = 32
+        config.data.text_length = 20
+        config.tokenizer.vocab_size = 512
+        config.data.batch_size = 64
+        config.optim.lr = 2e-3
+        config.optim.weight_decay = 0.0
+        config.optim.warmup_steps = 50
+        config.train.steps = 500
+        config.train.log_every = 50
+        config.train.eval_every = 250
+        config.train.ckpt_every = 250
+    elif arg == "published":
+        config.model = ml_collections.ConfigDict(
+            dict(
+                name="show_attend_tell",
+                vocab_size=10000,
+                embed_dim=512,
+                hidden=1000,  # the authors' code (arctic-captions) default
+                attn_dim=512,
+                attention="soft",
+                selector=True,
+                dropout=0.5,
+                dtype="float32",
+                # VGG-16 without its last pool: 224 -> 14x14x512 (L = 196, D = 512), ImageNet
+                # weights (train.init_from), not fine-tuned.
+                encoder=dict(kind="vgg", stages=((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
+                             norm="none", freeze=True),
+            )
+        )
+        config.decode = ml_collections.ConfigDict(dict(method="beam", beam_size=3, max_new_tokens=32))
+        config.data.image_size = 224
+        config.data.text_length = 32
+        config.data.source = "coco"
+        config.tokenizer.vocab_size = 10000
+        config.data.batch_size = 64
+        config.optim.lr = 1e-4
+        config.optim.weight_decay = 0.0
+        config.optim.clip_norm = 5.0
+        config.optim.warmup_steps = 1000
+        config.train.steps = 200_000
+    else:
+        raise ValueError(f"unknown show_attend_tell variant {arg!r}; choose tiny or published")
+    config.mesh, config.sharding_rules = default_mesh_and_rules()
+    config.evals = ml_collections.ConfigDict()  # caption evaluators: to come
+    return config

@@ -1,0 +1,75 @@
+"""Show and Tell (Vinyals et al. 2015): a CNN image embedding fed once to an LSTM captioner.
+
+    vlm-jax train --config configs/show_tell.py:tiny --workdir runs/show_tell
+
+Variants: tiny (CPU, the built-in world), published (the paper's sizes: embedding and LSTM 512,
+beam search of 20; the paper's GoogLeNet is replaced by a ResNet-50-style tower, frozen).
+"""
+
+import ml_collections
+
+from vlm_jax.config_defaults import base_config, default_mesh_and_rules
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    config = base_config()
+    config.task = ml_collections.ConfigDict(dict(name="caption", pad_id=0))
+    if arg == "tiny":
+        config.model = ml_collections.ConfigDict(
+            dict(
+                name="show_tell",
+                vocab_size=512,
+                embed_dim=128,
+                hidden=256,
+                dropout=0.0,
+                dtype="float32",
+                # SmallCNN; pool "flatten" keeps where things are (the world's captions say so).
+                encoder=dict(kind="cnn", channels=(32, 64, 128, 128), norm="layer", pool="flatten",
+                             output_dim=256, freeze=False),
+            )
+        )
+        config.decode = ml_collections.ConfigDict(dict(method="beam", beam_size=3, max_new_tokens=19))
+        config.data.image_size = 32
+        config.data.text_length = 20  # the world's longest caption is 18 tokens with bos/eos
+        config.tokenizer.vocab_size = 512
+        config.data.batch_size = 64
+        config.optim.lr = 2e-3
+        config.optim.weight_decay = 0.0
+        config.optim.warmup_steps = 50
+        config.train.steps = 500
+        config.train.log_every = 50
+        config.train.eval_every = 250
+        config.train.ckpt_every = 250
+    elif arg == "published":
+        config.model = ml_collections.ConfigDict(
+            dict(
+                name="show_tell",
+                vocab_size=10000,
+                embed_dim=512,
+                hidden=512,
+                dropout=0.5,
+                dtype="float32",
+                # An ImageNet-pretrained tower (train.init_from), kept fixed as in the paper's
+                # first phase; set freeze False to fine-tune it.
+                encoder=dict(kind="resnet", layers=(3, 4, 6, 3), width=64, heads=32, output_dim=2048,
+                             freeze=True),
+            )
+        )
+        config.decode = ml_collections.ConfigDict(dict(method="beam", beam_size=20, max_new_tokens=32))
+        config.data.image_size = 224
+        config.data.text_length = 32
+        config.data.source = "coco"
+        config.data.random_crop = True
+        config.data.random_flip = True
+        config.tokenizer.vocab_size = 10000
+        config.data.batch_size = 128
+        config.optim.lr = 2e-4
+        config.optim.weight_decay = 0.0
+        config.optim.clip_norm = 5.0
+        config.optim.warmup_steps = 1000
+        config.train.steps = 300_000
+    else:
+        raise ValueError(f"unknown show_tell variant {arg!r}; choose tiny or published")
+    config.mesh, config.sharding_rules = default_mesh_and_rules()
+    config.evals = ml_collections.ConfigDict()  # caption evaluators: to come
+    return config
