@@ -5,6 +5,7 @@ that cannot run here (cuDNN on CPU; our kernels while they do not exist) show n/
 import json
 
 import jax
+import pytest
 
 from vlm_jax.bench import kernels as bench
 
@@ -15,6 +16,7 @@ def _shape(b, s, h, d):
     return f"B{b} S{s} H{h} D{d}"
 
 
+@pytest.mark.slow  # CI time (23 s): the kernels themselves are tested in tests/kernels
 def test_small_interpret_run(tmp_path, capsys):
     path = tmp_path / "kernels.json"
     result = bench.main(["--small", "--interpret", "--repeats", "1", "--json", str(path)])

@@ -96,8 +96,9 @@ def test_gradient_accumulation_matches_the_full_batch(world_cache, tmp_path):
     "overrides",
     [
         {"model.loss": "sigmoid", "model.logit_scale_init": float(np.log(10.0))},
-        {"model.dtype": "bfloat16"},
-        {"model.scan_layers": True, "model.remat": "full"},
+        # Slow (CI time): scan/remat and bf16 are checked against the plain model in the model tests.
+        pytest.param({"model.dtype": "bfloat16"}, marks=pytest.mark.slow),
+        pytest.param({"model.scan_layers": True, "model.remat": "full"}, marks=pytest.mark.slow),
     ],
     ids=["sigmoid", "bf16", "scan_remat"],
 )
