@@ -71,5 +71,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown show_tell variant {arg!r}; choose tiny or published")
     config.mesh, config.sharding_rules = default_mesh_and_rules()
-    config.evals = ml_collections.ConfigDict()  # caption evaluators: to come
+    config.evals = ml_collections.ConfigDict()
+    if arg == "tiny":
+        # Held-out captions (beam 3) with the nearest-training-image caption as the baseline.
+        config.evals.val = ml_collections.ConfigDict(
+            dict(
+                kinds=("caption",), split="validation", num_examples=500, method="beam", beam_size=3,
+                max_new_tokens=19, batch_size=128, baseline=True,
+            )
+        )
     return config

@@ -103,7 +103,9 @@ class Evaluator:
 
 
 def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, mesh: Mesh) -> list[Any]:
-    """The evaluators of config.evals, in order (exact_match: evals.instruct.InstructEvaluator)."""
+    """The evaluators of config.evals, in order (exact_match: evals.instruct.InstructEvaluator;
+    caption: evals.captioning.CaptionEvaluator)."""
+    from vlm_jax.evals.captioning import CaptionEvaluator
     from vlm_jax.evals.instruct import InstructEvaluator
 
     out = []
@@ -112,6 +114,10 @@ def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, m
             if set(cfg.kinds) != {"exact_match"}:
                 raise ValueError(f"evaluator {name!r}: exact_match cannot be combined with {list(cfg.kinds)}")
             out.append(InstructEvaluator(name, cfg, config, model, tokenizer))
+        elif "caption" in cfg.kinds:
+            if set(cfg.kinds) != {"caption"}:
+                raise ValueError(f"evaluator {name!r}: caption cannot be combined with {list(cfg.kinds)}")
+            out.append(CaptionEvaluator(name, cfg, config, model, tokenizer))
         else:
             out.append(Evaluator(name, cfg, config, model, tokenizer, mesh))
     return out
