@@ -88,6 +88,7 @@ def test_compiled_tiny_llama_plan_and_fit_verdict():
     assert small["fits"] is False  # the peak is over the budget once the 10% headroom is taken off
 
 
+@pytest.mark.slow  # CI time (21 s); the fit verdict and a compiled plan are tested above
 def test_max_batch_search_brackets_the_budget():
     config = _tiny_llama(**{"model.depth": 1})
     probe = plan_lib.plan(config, MESH, "h100", batch=8, max_batch=False)

@@ -44,6 +44,7 @@ def test_cnn_tower_against_its_torch_mirror(capsys):
     assert "ratio ours/peer" in table and "param counts match" in table
 
 
+@pytest.mark.slow  # CI time; the CNN-tower peer test above covers the bench path
 def test_vit_tower_against_hugging_face_clip():
     # tiny's image section has no ViT keys and overrides cannot add keys, so the ViT case starts
     # from b32 (whose image section has them all) and shrinks it.

@@ -95,8 +95,9 @@ def test_gradient_accumulation_matches_the_full_batch(world_cache, tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"model.loss": "sigmoid", "model.logit_scale_init": float(np.log(10.0))},
-        # Slow (CI time): scan/remat and bf16 are checked against the plain model in the model tests.
+        pytest.param({"model.loss": "sigmoid", "model.logit_scale_init": float(np.log(10.0))}, marks=pytest.mark.slow),
+        # Slow (CI time): the sigmoid loss is unit-tested (tests/tasks), scan/remat and bf16 against the
+        # plain model in the model tests.
         pytest.param({"model.dtype": "bfloat16"}, marks=pytest.mark.slow),
         pytest.param({"model.scan_layers": True, "model.remat": "full"}, marks=pytest.mark.slow),
     ],
