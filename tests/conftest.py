@@ -61,3 +61,23 @@ def tiny_clip_config(world_cache):
         config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
         config.evals = ml_collections.ConfigDict()
     return config
+
+
+# The longest tests first, so that on 2 xdist workers the short ones fill the gaps at the end
+# instead of one long test running alone while the other worker idles.
+_LONGEST_FIRST = (
+    "tests/parallel/test_multihost.py",
+    "tests/train/",
+    "tests/layers/test_lora.py",
+    "tests/test_sweep.py",
+    "tests/test_plan.py",
+    "tests/models/test_captioners.py",
+    "tests/sampling/",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return next((i for i, p in enumerate(_LONGEST_FIRST) if item.nodeid.startswith(p)), len(_LONGEST_FIRST))
+
+    items.sort(key=rank)
