@@ -7,15 +7,22 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache per pytest run, shared by its xdist workers: the many small
-# training runs compile the same steps, and later ones load them instead of compiling again.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"vlm_jax_pytest_cache_{_RUN}")
-)
+# One persistent compilation cache per pytest run: the main process names it, and its xdist workers
+# (and the processes tests start) inherit the variable. The many small training runs compile the
+# same steps; later ones load them instead of compiling again. Removed when the run ends.
+_OWN_CACHE = os.path.join(tempfile.gettempdir(), f"vlm_jax_pytest_cache_{os.getpid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402  (after the XLA flags on purpose)
+
+
+def pytest_sessionfinish(session):
+    # Only the main process, and only the cache it created (not a user's JAX_COMPILATION_CACHE_DIR).
+    if not hasattr(session.config, "workerinput") and os.environ["JAX_COMPILATION_CACHE_DIR"] == _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
