@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.tasks.base import apply_train
-from vlm_jax.tasks.lm import token_nll
+from vlm_jax.tasks.lm import masked_nll
 
 
 def model_inputs(batch: dict) -> tuple:
@@ -66,11 +66,9 @@ def loss_fn(
     tokens = batch["tokens"]
     logits, targets = outputs["logits"][:, :-1], tokens[:, 1:]
     mask = (targets != _get(task, "pad_id", 0)).astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    nll = token_nll(logits, targets) * mask
-    ce = nll.sum() / count
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    metrics = {"nll": ce, "token_accuracy": (correct * mask).sum() / count, "loss_tokens": mask.sum()}
+    nll, ce, accuracy, n_tokens = masked_nll(logits, targets, mask)
+    count = jnp.maximum(n_tokens, 1.0)
+    metrics = {"nll": ce, "token_accuracy": accuracy, "loss_tokens": n_tokens}
     loss = ce
 
     if "alphas" in outputs:

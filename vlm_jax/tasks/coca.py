@@ -17,7 +17,7 @@ import ml_collections
 
 from vlm_jax.tasks.base import apply_train
 from vlm_jax.tasks.contrastive import softmax_loss
-from vlm_jax.tasks.lm import token_nll
+from vlm_jax.tasks.lm import masked_nll
 
 CONTRASTIVE_WEIGHT = 1.0
 CAPTION_WEIGHT = 2.0
@@ -32,12 +32,8 @@ def caption_loss(logits: jax.Array, tokens: jax.Array, pad_id: int = 0) -> tuple
     """logits f32 [B, L, V], tokens [B, L] -> (mean NLL of tokens[:, 1:] given the prefix, token
     accuracy, number of target tokens), both over the non-padding targets only."""
     targets = tokens[:, 1:]
-    logits = logits[:, :-1].astype(jnp.float32)
-    mask = (targets != pad_id).astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    loss = (token_nll(logits, targets) * mask).sum() / count
-    accuracy = ((jnp.argmax(logits, -1) == targets).astype(jnp.float32) * mask).sum() / count
-    return loss, accuracy, mask.sum()
+    _, loss, accuracy, count = masked_nll(logits[:, :-1], targets, targets != pad_id)
+    return loss, accuracy, count
 
 
 def loss_fn(

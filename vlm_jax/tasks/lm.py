@@ -29,6 +29,19 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
+def masked_nll(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """logits [B, T, V], targets int [B, T], mask [B, T] (1 where a target counts) ->
+    (per-token NLL [B, T], 0 where masked; mean NLL over the counted tokens; their token accuracy;
+    how many were counted). The one next-token loss of the LM, captioning and CoCa tasks."""
+    mask = mask.astype(jnp.float32)
+    count = jnp.maximum(mask.sum(), 1.0)
+    nll = token_nll(logits, targets) * mask
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return nll, nll.sum() / count, (correct * mask).sum() / count, mask.sum()
+
+
 def loss_fn(
     model: nn.Module,
     params: Any,
@@ -40,9 +53,6 @@ def loss_fn(
     """Mean NLL over the masked target tokens; metrics: loss, token accuracy, tokens counted."""
     del config
     logits, model_state = apply_train(model, params, model_state, *model_inputs(batch), rng=rng)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    count = jnp.maximum(mask.sum(), 1.0)
-    loss = (token_nll(logits, batch["targets"]) * mask).sum() / count
-    correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-    metrics = {"loss": loss, "token_accuracy": (correct * mask).sum() / count, "loss_tokens": mask.sum()}
+    _, loss, accuracy, count = masked_nll(logits, batch["targets"], batch["loss_mask"])
+    metrics = {"loss": loss, "token_accuracy": accuracy, "loss_tokens": count}
     return loss, {"metrics": metrics, "model_state": model_state}
