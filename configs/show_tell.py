@@ -22,6 +22,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                 embed_dim=128,
                 hidden=256,
                 dropout=0.0,
+                image_norm="none",
                 dtype="float32",
                 # SmallCNN; pool "flatten" keeps where things are (the world's captions say so).
                 encoder=dict(kind="cnn", channels=(32, 64, 128, 128), norm="layer", pool="flatten",
@@ -58,7 +59,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.decode = ml_collections.ConfigDict(dict(method="beam", beam_size=20, max_new_tokens=32))
         config.data.image_size = 224
         config.data.text_length = 32
-        config.data.source = "coco"
+        # COCO with Karpathy's splits (dataset_coco.json from cs.stanford.edu/people/karpathy/deepimagesent):
+        # train + restval (113,287 images) to train, val (5,000) evaluated during training, test (5,000)
+        # with `vlm-jax eval --config.evals.val.split=test`.
+        config.data.source = "karpathy"
+        config.data.path = ""  # path to dataset_coco.json
+        config.data.image_root = ""  # folder holding train2014/ and val2014/
+        config.data.karpathy_restval = True  # False: train on the 82,783 'train' images alone
         config.data.random_crop = True
         config.data.random_flip = True
         config.tokenizer.vocab_size = 10000
@@ -68,6 +75,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.optim.clip_norm = 5.0
         config.optim.warmup_steps = 1000
         config.train.steps = 300_000
+        config.train.eval_every = 10_000
     else:
         raise ValueError(f"unknown show_tell variant {arg!r}; choose tiny or published")
     config.mesh, config.sharding_rules = default_mesh_and_rules()
@@ -78,6 +86,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             dict(
                 kinds=("caption",), split="validation", num_examples=500, method="beam", beam_size=3,
                 max_new_tokens=19, batch_size=128, baseline=True,
+            )
+        )
+    else:
+        # The Karpathy val split (beam 20), with the nearest-training-image caption as the baseline.
+        config.evals.val = ml_collections.ConfigDict(
+            dict(
+                kinds=("caption",), split="validation", num_examples=5000, method="beam", beam_size=20,
+                max_new_tokens=32, batch_size=128, baseline=True,
             )
         )
     return config

@@ -40,6 +40,7 @@ import ml_collections
 
 from vlm_jax.layers.embeddings import token_embedding
 from vlm_jax.layers.linear import dense
+from vlm_jax.layers.lstm import LSTMCell
 from vlm_jax.models.show_tell import build_encoder, encode_images, variables_of
 
 ATTENTION = ("soft", "hard")
@@ -71,7 +72,7 @@ class _AttendStep(nn.Module):
         entropy = -jnp.sum(alpha * logp, axis=-1)
         if self.selector:
             z = jax.nn.sigmoid(dense(1, ("mlp", None), name="f_beta")(h).astype(jnp.float32)) * z
-        new, _ = nn.OptimizedLSTMCell(self.hidden, name="cell")(carry, jnp.concatenate([x, z], axis=-1))
+        new, _ = LSTMCell(self.hidden, name="cell")(carry, jnp.concatenate([x, z], axis=-1))
         new = tuple(jnp.where(valid[:, None], n, o) for n, o in zip(new, carry))
         return new, (new[1], z, alpha, loc_logp, entropy)
 

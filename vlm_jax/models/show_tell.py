@@ -16,7 +16,8 @@ conv stack, below), "resnet" (CLIP's ModifiedResNet; BatchNorm: its statistics l
 Decoding (vlm_jax.sampling.decode): `make_decoder()` -> ShowTellDecoder, whose "cache" is the
 LSTM state (c, h); `context` is the images: init_cache encodes them and runs the t = -1 step.
 
-Param tree: encoder/..., image_proj (W_I), embed/embedding (W_e), lstm/cell/..., out (W_o).
+Param tree: encoder/..., image_proj (W_I), embed/embedding (W_e), lstm/cell/{input_kernel,
+hidden_kernel, bias} (vlm_jax.layers.lstm: forget-gate bias 1 at init), out (W_o).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import ml_collections
 
 from vlm_jax.layers.embeddings import token_embedding
 from vlm_jax.layers.linear import dense
+from vlm_jax.layers.lstm import LSTMCell
 from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.models import resnet, vit
 
 ENCODERS = ("cnn", "vgg", "resnet", "vit")
+IMAGE_NORMS = ("none", "layer", "batch")
 # VGG-16's conv stages (convs per stage, channels); without the last pool: 224 -> 14x14x512.
 VGG16 = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -118,7 +121,7 @@ class _LSTMStep(nn.Module):
     @nn.compact
     def __call__(self, carry, inputs):
         x, valid = inputs
-        new, _ = nn.OptimizedLSTMCell(self.hidden, name="cell")(carry, x.astype(jnp.float32))
+        new, _ = LSTMCell(self.hidden, name="cell")(carry, x.astype(jnp.float32))
         new = tuple(jnp.where(valid[:, None], n, o) for n, o in zip(new, carry))
         return new, new[1]
 
@@ -137,10 +140,21 @@ class ShowTell(nn.Module):
     embed_dim: int = 512
     hidden: int = 512
     dropout: float = 0.0
+    image_norm: str = "none"  # none | layer | batch: a norm on the image embedding x_{-1}
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
         self.image_proj = dense(self.embed_dim, ("embed", "mlp"), dtype=self.dtype)
+        if self.image_norm not in IMAGE_NORMS:
+            raise ValueError(f"image_norm {self.image_norm!r}: choose one of {IMAGE_NORMS}")
+        if self.image_norm == "layer":
+            self.image_ln = LayerNorm(1e-5, self.dtype, name="image_ln")
+        elif self.image_norm == "batch":
+            self.image_bn = nn.BatchNorm(
+                momentum=0.9, epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32,
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            )
         self.embed = token_embedding(self.vocab_size, self.embed_dim, dtype=self.dtype)
         self.lstm = ScanLSTM(self.hidden)
         self.out = dense(self.vocab_size, ("mlp", "vocab"), dtype=self.dtype)
@@ -151,7 +165,12 @@ class ShowTell(nn.Module):
         vec, _ = encode_images(self.encoder, self.encoder_kind, images, train)
         if self.freeze_encoder:
             vec = jax.lax.stop_gradient(vec)
-        return self.image_proj(vec).astype(jnp.float32)
+        x = self.image_proj(vec)
+        if self.image_norm == "layer":
+            x = self.image_ln(x)
+        elif self.image_norm == "batch":
+            x = self.image_bn(x, use_running_average=not train)
+        return x.astype(jnp.float32)
 
     def _logits(self, h: jax.Array, train: bool) -> jax.Array:
         return self.out(self.drop(h, deterministic=not train)).astype(jnp.float32)
@@ -219,5 +238,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> ShowTell:
         embed_dim=cfg.embed_dim,
         hidden=cfg.hidden,
         dropout=cfg.get("dropout", 0.0),
+        image_norm=str(cfg.get("image_norm", "none")),
         dtype=jnp.dtype(dtype),
     )
