@@ -73,7 +73,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.decode = ml_collections.ConfigDict(dict(method="beam", beam_size=3, max_new_tokens=32))
         config.data.image_size = 224
         config.data.text_length = 32
-        config.data.source = "coco"
+        # COCO with Karpathy's splits (dataset_coco.json from cs.stanford.edu/people/karpathy/deepimagesent):
+        # train + restval (113,287 images) to train, val (5,000) evaluated during training, test (5,000)
+        # with `vlm-jax eval --config.evals.val.split=test`.
+        config.data.source = "karpathy"
+        config.data.path = ""  # path to dataset_coco.json
+        config.data.image_root = ""  # folder holding train2014/ and val2014/
+        config.data.karpathy_restval = True  # False: train on the 82,783 'train' images alone
         config.tokenizer.vocab_size = 10000
         config.data.batch_size = 64
         config.optim.lr = 1e-4
@@ -81,16 +87,26 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.optim.clip_norm = 5.0
         config.optim.warmup_steps = 1000
         config.train.steps = 200_000
+        config.train.eval_every = 10_000
     else:
         raise ValueError(f"unknown show_attend_tell variant {arg!r}; choose tiny or published")
     config.mesh, config.sharding_rules = default_mesh_and_rules()
     config.evals = ml_collections.ConfigDict()
     if arg == "tiny":
-        # Held-out captions (beam 3) with the nearest-training-image caption as the baseline.
+        # Held-out captions (beam 3) with the nearest-training-image caption as the baseline, and
+        # how much of each colour/shape word's attention falls on the object it names.
         config.evals.val = ml_collections.ConfigDict(
             dict(
                 kinds=("caption",), split="validation", num_examples=500, method="beam", beam_size=3,
-                max_new_tokens=19, batch_size=128, baseline=True,
+                max_new_tokens=19, batch_size=128, baseline=True, grounding=True,
+            )
+        )
+    else:
+        # The Karpathy val split (beam 3), with the nearest-training-image caption as the baseline.
+        config.evals.val = ml_collections.ConfigDict(
+            dict(
+                kinds=("caption",), split="validation", num_examples=5000, method="beam", beam_size=3,
+                max_new_tokens=32, batch_size=128, baseline=True,
             )
         )
     return config

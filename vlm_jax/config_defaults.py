@@ -35,10 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.data = ml_collections.ConfigDict(
         dict(
-            source="world",  # world | coco | jsonl; text only: world_text | world_instruct | alpaca
-            path="",  # coco: annotations json; jsonl: the .jsonl file; alpaca: .json / .jsonl
+            # world | coco | karpathy | jsonl; text only: world_text | world_instruct | alpaca
+            source="world",
+            # coco: annotations json; karpathy: dataset_coco.json / dataset_flickr30k.json (one
+            # file, all splits; 'train' = train + restval unless data.karpathy_restval is False);
+            # jsonl: the .jsonl file; alpaca: .json / .jsonl. '{split}' becomes the split name.
+            path="",
             eval_path="",  # alpaca: the evaluation items
             image_root="",  # folder the image paths are relative to
+            karpathy_restval=True,  # karpathy: the 'train' split includes restval
             tfds_data_dir="",  # '' -> ~/.cache/vlm_jax/tfds
             world_seed=0,
             world_num_examples=dict(train=50000, validation=2000, test=2000),

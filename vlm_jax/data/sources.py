@@ -1,4 +1,8 @@
-"""Random-access data sources: the built-in world, COCO-captions JSON, JSON-lines image/caption files.
+"""Random-access data sources: the built-in world, COCO-captions JSON, Karpathy-split JSON, JSON-lines.
+
+    config.data.source = "karpathy"          # or "coco" | "jsonl" | "world"
+    config.data.path = "/data/dataset_coco.json"
+    config.data.image_root = "/data/coco"    # holds train2014/ and val2014/
 
 Every source has `len()` and `[i]` -> dict record {"image": bytes | np.ndarray | path,
 "captions": list[str], optional "label", "held_out", ...}. File-backed sources hold paths only:
@@ -15,7 +19,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("world", "coco", "jsonl")
+SOURCES = ("world", "coco", "karpathy", "jsonl")
+# Our split names -> the `split` values of a Karpathy file's images. "restval" (the 30,504 COCO
+# val2014 images in neither val nor test) joins train unless config.data.karpathy_restval is False.
+KARPATHY_SPLITS = {"train": ("train", "restval"), "validation": ("val",), "val": ("val",), "test": ("test",)}
 
 
 class RecordSource:
@@ -76,6 +83,55 @@ def coco_source(annotations_json: str | os.PathLike, image_root: str | os.PathLi
     return RecordSource(records, name=os.path.basename(annotations_json))
 
 
+def karpathy_source(
+    dataset_json: str | os.PathLike, split: str, image_root: str | os.PathLike = "", restval: bool = True
+) -> RecordSource:
+    """One split of Karpathy's dataset_coco.json / dataset_flickr8k.json / dataset_flickr30k.json.
+
+    The file is {"images": [{"filepath"?, "filename", "split", "sentences": [{"raw", "tokens"}],
+    "cocoid" | "imgid"}], "dataset"}. Split "train" is train + restval (the usual 113,287 COCO
+    training images; restval=False: train alone), "validation" / "val" is val and "test" is test
+    (5,000 COCO images each). Records: image = image_root/filepath/filename (Flickr files have no
+    filepath), captions = the raw sentences, image_id = cocoid, else imgid. Images of other splits
+    are left out; an image without sentences stays in for the pipeline to count.
+    """
+    dataset_json = os.fspath(dataset_json)
+    if split not in KARPATHY_SPLITS:
+        raise ValueError(f"unknown split {split!r} for a Karpathy file; choose one of {', '.join(KARPATHY_SPLITS)}")
+    wanted = set(KARPATHY_SPLITS[split])
+    if not restval:
+        wanted.discard("restval")
+    try:
+        with open(dataset_json, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{dataset_json!r} is not a Karpathy split file (not JSON: {e})") from e
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{dataset_json!r} is not a Karpathy split file (needs an 'images' list)")
+    root = _image_root(dataset_json, image_root)
+    records = []
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or not isinstance(img.get("filename"), str) or "split" not in img:
+            raise ValueError(f"{dataset_json!r}: images[{i}] has no 'filename' and 'split'")
+        if img["split"] not in wanted:
+            continue
+        sentences = img.get("sentences")
+        sentences = [] if sentences is None else sentences
+        if not isinstance(sentences, list):
+            raise ValueError(f"{dataset_json!r}: images[{i}]['sentences'] is not a list")
+        records.append(
+            {
+                "image": _resolve(root, os.path.join(str(img.get("filepath") or ""), img["filename"])),
+                "captions": [_sentence_text(s) for s in sentences],
+                "image_id": img.get("cocoid", img.get("imgid")),
+            }
+        )
+    if not records:
+        log.warning("%s: no images in split %r (%s)", dataset_json, split, "+".join(sorted(wanted)))
+    return RecordSource(records, name=f"{os.path.basename(dataset_json)}:{split}")
+
+
 def jsonl_source(path: str | os.PathLike, image_root: str | os.PathLike = "") -> RecordSource:
     """JSON-lines {"image": path, "caption": text}; lines of the same image become one record."""
     path = os.fspath(path)
@@ -106,7 +162,11 @@ def jsonl_source(path: str | os.PathLike, image_root: str | os.PathLike = "") ->
 
 
 def make_source(config: Any, split: str) -> Any:
-    """The source named by config.data.source ('world' | 'coco' | 'jsonl') for a split."""
+    """The source named by config.data.source ('world' | 'coco' | 'karpathy' | 'jsonl') for a split.
+
+    coco and jsonl read config.data.path with '{split}' replaced by the split name; karpathy reads
+    the one file that lists every split (config.data.karpathy_restval: restval in train or not).
+    """
     kind = str(config.data.source)
     if kind == "world":
         return world_source(config, split)
@@ -120,6 +180,8 @@ def make_source(config: Any, split: str) -> Any:
     image_root = os.path.expanduser(str(config.data.get("image_root", "") or "").replace("{split}", split))
     if kind == "coco":
         return coco_source(path, image_root)
+    if kind == "karpathy":
+        return karpathy_source(path, split, image_root, bool(config.data.get("karpathy_restval", True)))
     return jsonl_source(path, image_root)
 
 
@@ -131,6 +193,19 @@ def _image_root(annotation_path: str, image_root: str | os.PathLike) -> str:
 
 def _resolve(root: str, file_name: str) -> str:
     return file_name if os.path.isabs(file_name) else os.path.join(root, file_name)
+
+
+def _sentence_text(sentence: Any) -> str:
+    """A Karpathy sentence {"raw", "tokens"} -> its raw text (its tokens joined if raw is missing)."""
+    if isinstance(sentence, str):
+        return _as_text(sentence)
+    if not isinstance(sentence, dict):
+        return ""
+    raw = sentence.get("raw")
+    if isinstance(raw, str):
+        return _as_text(raw)
+    tokens = sentence.get("tokens")
+    return " ".join(t for t in tokens if isinstance(t, str)) if isinstance(tokens, list) else ""
 
 
 def _as_text(caption: Any) -> str:

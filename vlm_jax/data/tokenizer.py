@@ -80,6 +80,17 @@ class Tokenizer:
             out.append(i)
         return self._sp.decode(out)
 
+    def pieces(self, ids: Sequence[int] | np.ndarray) -> list[str]:
+        """Ids -> their sentencepiece pieces ('\u2581' marks a word start), one per id up to the
+        first eos (excluded), so piece j is still ids[j]; pad/bos/out-of-range ids give ''."""
+        out = []
+        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            if i == self.eos_id:
+                break
+            special = i in (self.pad_id, self.bos_id) or not 0 <= i < self.vocab_size
+            out.append("" if special else self._sp.id_to_piece(i))
+        return out
+
     def tokenize(
         self, texts: Sequence[str], length: int, *, return_truncated: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -122,9 +133,23 @@ def load_or_train(config: Any, workdir: str | os.PathLike | None) -> Tokenizer:
 
     os.makedirs(workdir, exist_ok=True)
     seed = int(config.data.world_seed)
-    # Language models also meet the instruction prompts and sums: their tokenizer learns those too.
-    texts = text.tokenizer_corpus(seed) if config.data.source in text.SOURCES else world.text_corpus(seed=seed)
+    source = str(config.data.source)
+    if source in text.SOURCES:
+        # Language models also meet the instruction prompts and sums: their tokenizer learns those too.
+        texts = text.tokenizer_corpus(seed)
+    elif source == "world":
+        texts = world.text_corpus(seed=seed)
+    else:  # caption files (coco, karpathy, jsonl): the training split's captions
+        texts = _caption_corpus(config)
     return Tokenizer.train(texts, model_path[: -len(".model")], int(config.tokenizer.vocab_size))
+
+
+def _caption_corpus(config: Any) -> Iterable[str]:
+    from vlm_jax.data import sources
+
+    train = sources.make_source(config, "train")
+    for i in range(len(train)):
+        yield from (c for c in train[i].get("captions", ()) if c)
 
 
 def _train_proto(texts: Iterable[str], vocab_size: int) -> bytes:
