@@ -78,9 +78,10 @@ def test_baseline_is_deterministic_and_sensible(setup):
 
 
 def test_perfect_captions_score_high(setup, monkeypatch):
-    _, _, params, _, ev = setup
+    _, _, params, tokenizer, ev = setup
     refs = [caps[0] for caps in ev.data["captions"]]
-    monkeypatch.setattr(ev, "captions", lambda params, model_state=None: list(refs))
+    ids = [tokenizer.encode(r) + [tokenizer.eos_id] for r in refs]
+    monkeypatch.setattr(ev, "generate", lambda params, model_state=None: list(ids))
     out = ev(params)
     assert out["val/CIDEr"] > 1.0 and out["val/BLEU-4"] > 0.5
     assert out["val/heldout/CIDEr"] > 1.0 and out["val/heldout/BLEU-4"] > 0.5

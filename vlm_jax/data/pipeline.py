@@ -466,13 +466,14 @@ def eval_data(
 
     Returns image f32 [N,S,S,3]; captions list[list[str]] (empty ones dropped); tokens i32 [T,L]
     for all captions flattened in order, with caption_owner i32 [T] = the image row of each;
-    index i32 [N] (position in the split); label i32 [N], held_out bool [N] and num_objects
-    i32 [N] when the source has them; num_skipped (unusable examples passed over to reach N).
+    index i32 [N] (position in the split); label i32 [N], held_out bool [N], objects (per image,
+    the world's object dicts with their pixel boxes) and num_objects i32 [N] when the source has
+    them; num_skipped (unusable examples passed over to reach N).
     """
     source = sources_lib.make_source(config, split) if source is None else source
     want = len(source) if num_examples is None else min(int(num_examples), len(source))
     size = int(config.data.image_size)
-    images, captions, index, labels, held_out, num_objects = [], [], [], [], [], []
+    images, captions, index, labels, held_out, objects_of = [], [], [], [], [], []
     skipped = 0
     for i in range(len(source)):
         if len(images) >= want:
@@ -488,8 +489,7 @@ def eval_data(
         index.append(i)
         labels.append(record.get("label"))
         held_out.append(record.get("held_out"))
-        objects = record.get("objects")
-        num_objects.append(len(objects) if objects is not None else None)
+        objects_of.append(record.get("objects"))
     if skipped:
         log.info("eval split %s: skipped %d unusable examples", split, skipped)
     if not images:
@@ -508,6 +508,7 @@ def eval_data(
         out["label"] = np.asarray(labels, np.int32)
     if all(v is not None for v in held_out):
         out["held_out"] = np.asarray(held_out, bool)
-    if all(v is not None for v in num_objects):
-        out["num_objects"] = np.asarray(num_objects, np.int32)
+    if all(v is not None for v in objects_of):
+        out["num_objects"] = np.asarray([len(v) for v in objects_of], np.int32)
+        out["objects"] = objects_of
     return out

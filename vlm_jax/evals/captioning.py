@@ -24,7 +24,13 @@ images; ties go to the earlier image; an image never retrieves itself when the e
 is the training split). A model whose captions do not beat it has learnt little beyond "looks
 like".
 
-`last_captions` keeps the latest generated captions (one string per image, in data order).
+With `grounding=True` (Show, Attend and Tell or CoCa on the built-in world) it also reports
+evals.grounding's measures under `val/grounding/...`: for each generated colour or shape word, the
+share of the attention with which it was predicted that falls inside the box of the object it
+names, against the box's share of the image area (what a uniform map would put there).
+
+`last_captions` keeps the latest generated captions (one string per image, in data order), and
+`last_ids` their ids.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.evals import caption_metrics
+from vlm_jax.sampling.attention import as_grid as attention_grid
 
 METHODS = ("greedy", "beam")
 BASELINE_SIZE = 32  # side of the images the nearest-caption baseline compares
@@ -70,7 +77,20 @@ class CaptionEvaluator:
         held = self.data.get("held_out")
         self.held_out = np.asarray(held, bool) if held is not None else np.zeros(len(self.references), bool)
         self.tokenizer = tokenizer
+        self.model = model
+        self.image_size = int(config.data.image_size)
         self.decoder = decode.decoder_for(model)
+        self.grounding = bool(eval_cfg.get("grounding", False))
+        if self.grounding:
+            from vlm_jax.sampling import attention
+
+            if not attention.has_image_attention(model):
+                raise ValueError(f"evaluator {name!r}: grounding needs a model with attention over the image "
+                                 f"(Show, Attend and Tell or CoCa), not {type(model).__name__}")
+            if "objects" not in self.data:
+                raise ValueError(f"evaluator {name!r}: grounding needs object boxes (the built-in world's)")
+            self._maps = jax.jit(lambda v, im, t: attention.flat_attention(model, v, im, t))
+        self.last_ids: list[list[int]] = []
         self.last_captions: list[str] = []
         self.baseline_captions: list[str] | None = None
         self.baseline: dict[str, float] = {}
@@ -87,29 +107,61 @@ class CaptionEvaluator:
         state = {k: v for k, v in (model_state or {}).items() if k != "cache" and v}
         return {"params": params, **state} if state else params
 
-    def captions(self, params: Any, model_state: dict | None = None) -> list[str]:
-        """The model's caption of every evaluated image, decoded to text (data order)."""
-        from vlm_jax.sampling import decode
-
-        variables = self._variables(params, model_state)
+    def _batches(self):
+        """(start, rows, images) per batch of evaluated images; the last batch is padded with copies
+        of its last image so that every batch has one shape (one compile)."""
         images = self.data["image"]
-        n, bos = len(images), self.tokenizer.bos_id
-        out: list[str] = []
+        n = len(images)
         for start in range(0, n, self.batch_size):
             batch = images[start : start + self.batch_size]
             rows = len(batch)
             if rows < self.batch_size and n > self.batch_size:
-                # One shape for every batch: pad the last one with copies of its last image.
-                fill = np.repeat(batch[-1:], self.batch_size - rows, axis=0)
-                batch = np.concatenate([batch, fill])
+                batch = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - rows, axis=0)])
+            yield start, rows, batch
+
+    def generate(self, params: Any, model_state: dict | None = None) -> list[list[int]]:
+        """The model's caption of every evaluated image as generated ids (data order)."""
+        from vlm_jax.sampling import decode
+
+        variables = self._variables(params, model_state)
+        out: list[list[int]] = []
+        for _, rows, batch in self._batches():
             new = decode.generate(
-                self.decoder, variables, [[bos]] * len(batch), max_new_tokens=self.max_new_tokens,
+                self.decoder, variables, [[self.tokenizer.bos_id]] * len(batch), max_new_tokens=self.max_new_tokens,
                 method=self.method, beam_size=self.beam_size, length_penalty=self.length_penalty,
                 stop_tokens=(self.tokenizer.eos_id,), pad_id=max(self.tokenizer.pad_id, 0),
                 context=batch,
             )
-            out.extend(self.tokenizer.decode(ids) for ids in new[:rows])
+            out.extend(list(ids) for ids in new[:rows])
         return out
+
+    def captions(self, params: Any, model_state: dict | None = None) -> list[str]:
+        """The model's caption of every evaluated image, decoded to text (data order)."""
+        return [self.tokenizer.decode(ids) for ids in self.generate(params, model_state)]
+
+    def ground(self, params: Any, model_state: dict | None, ids: list[list[int]]) -> dict[str, float]:
+        """evals.grounding's measures of the generated captions `ids` (one per evaluated image)."""
+        from vlm_jax.evals import grounding
+
+        variables = self._variables(params, model_state)
+        width = self.max_new_tokens + 1
+        pad = max(self.tokenizer.pad_id, 0)
+        words: list[grounding.Word] = []
+        mentions = grounding.Mentions()
+        for start, rows, batch in self._batches():
+            tokens = np.full((len(batch), width), pad, np.int32)
+            tokens[:, 0] = self.tokenizer.bos_id
+            for r in range(rows):
+                seq = ids[start + r][: width - 1]
+                tokens[r, 1 : 1 + len(seq)] = seq
+            maps = attention_grid(self._maps(variables, batch, tokens))
+            for r in range(rows):
+                got, seen = grounding.score(
+                    maps[r], self.tokenizer.pieces(ids[start + r]), self.data["objects"][start + r], self.image_size
+                )
+                words.extend(got)
+                mentions.add(seen)
+        return grounding.summarise(words, mentions)
 
     def score(self, candidates: list[str]) -> dict[str, float]:
         """COCO metrics of one caption per image: all images, and 'heldout/...' for the held-out ones."""
@@ -127,8 +179,11 @@ class CaptionEvaluator:
 
     def __call__(self, params: Any, model_state: dict | None = None) -> dict[str, float]:
         """Metrics named '<evaluator>/<metric>' (and '<evaluator>/baseline/<metric>')."""
-        self.last_captions = self.captions(params, model_state)
+        self.last_ids = self.generate(params, model_state)
+        self.last_captions = [self.tokenizer.decode(ids) for ids in self.last_ids]
         out = self.score(self.last_captions)
+        if self.grounding:
+            out.update({f"grounding/{k}": v for k, v in self.ground(params, model_state, self.last_ids).items()})
         out.update({f"baseline/{k}": v for k, v in self.baseline.items()})
         return {f"{self.name}/{k}": v for k, v in out.items()}
 
