@@ -5,6 +5,7 @@
     vlm-jax data preview --config configs/clip.py:tiny --out preview.png
     vlm-jax convert --from-hf path/to/hf_dir --out converted/
     vlm-jax sample --workdir runs/alpaca/instruct --prompt "what is 3 plus 4?"
+    vlm-jax sample --workdir runs/sat --image scene.png    (caption + per-word attention PNG)
 """
 
 from __future__ import annotations
@@ -150,6 +151,21 @@ def cmd_sample(args, overrides) -> int:
     from vlm_jax.sampling import sample
 
     config = _load_config(args.config, args.workdir, overrides)
+    if args.image:
+        from vlm_jax.sampling import caption
+
+        png = args.attention_png
+        if png is None:
+            stem = os.path.splitext(os.path.basename(args.image))[0]
+            png = os.path.join(args.workdir, f"attention_{stem}.png")
+        caption.caption_image(
+            args.workdir, args.image, config=config, method=args.method, beam_size=args.beam_size,
+            max_new_tokens=args.max_new_tokens, step=args.step, out=sys.stdout,
+            attention_png=png if png and sample_has_attention(config) else None,
+        )
+        return 0
+    if args.prompt is None:
+        raise config_lib.ConfigError("give --prompt (text) or --image (a captioning run)")
     prompt = args.prompt
     template = args.template
     if template == "auto":
@@ -159,11 +175,16 @@ def cmd_sample(args, overrides) -> int:
     elif args.input:
         raise config_lib.ConfigError("--input needs --template alpaca")
     sample.run_sample(
-        args.workdir, prompt, config=config, max_new_tokens=args.max_new_tokens, method=args.method,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size,
+        args.workdir, prompt, config=config, max_new_tokens=args.max_new_tokens or 64, method=args.method or "greedy",
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size or 4,
         seed=args.seed, step=args.step, out=sys.stdout,
     )
     return 0
+
+
+def sample_has_attention(config) -> bool:
+    """Whether the run's model attends over the image (so `sample --image` can draw its maps)."""
+    return str(config.model.get("name", "")) in ("show_attend_tell", "coca")
 
 
 def cmd_data(args, overrides) -> int:
@@ -227,16 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a run's checkpoint, streamed as it comes")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default=None, help="default: the run's config.json")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default=None, help="the text to continue (language models)")
+    p.add_argument("--image", default=None, help="an image file to caption (captioning runs)")
+    p.add_argument("--attention-png", default=None,
+                   help="with --image: where to write the per-word attention figure "
+                        "[<workdir>/attention_<image>.png; '' for none]")
     p.add_argument("--input", default="", help="the Alpaca input field (with --template alpaca)")
     p.add_argument("--template", choices=["auto", "alpaca", "none"], default="auto",
                    help="auto: the Alpaca prompt for instruction-tuned runs, raw text otherwise")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--method", choices=["greedy", "sample", "beam"], default="greedy")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="[64; captions: config.decode's]")
+    p.add_argument("--method", choices=["greedy", "sample", "beam"], default=None,
+                   help="[greedy; captions: config.decode's]")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--beam-size", type=int, default=4)
+    p.add_argument("--beam-size", type=int, default=None, help="[4; captions: config.decode's]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None)
     p.set_defaults(fn=cmd_sample)

@@ -33,6 +33,8 @@ import ml_collections
 
 from vlm_jax.sampling.decode import decoder_for, stream
 
+CAPTION_TASKS = ("caption", "coca")  # tasks whose models take (images, tokens)
+
 
 def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
     from vlm_jax import config as config_lib
@@ -49,34 +51,51 @@ def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
         checkpointer.close()
 
 
+def init_inputs(config: ml_collections.ConfigDict) -> tuple:
+    """Example inputs for model.init: images and tokens for the captioners, tokens otherwise."""
+    import jax.numpy as jnp
+
+    if str(config.task.get("name", "")) in CAPTION_TASKS:
+        size = int(config.data.image_size)
+        return (jnp.zeros((1, size, size, 3), jnp.float32), jnp.zeros((1, 2), jnp.int32))
+    return (jnp.zeros((1, 1), jnp.int32),)
+
+
 def _load_params(config: ml_collections.ConfigDict, model: Any, workdir: str, step: int) -> Any:
     """The model's full params from the checkpoint at `step`, onto the first local device. Runs with
     frozen params (LoRA, optim.trainable) checkpoint only the trained ones; the others come from
-    config.train.init_from, else from the seed's init, as when the trainer resumes. (The init feeds
-    tokens [1, 1]: a token-input model such as LLaMA.)"""
+    config.train.init_from, else from the seed's init, as when the trainer resumes. A model with
+    state (BatchNorm statistics) gets a variables dict {"params", "batch_stats", ...} instead,
+    which the decoders accept too."""
     import flax.linen as nn
-    import jax.numpy as jnp
 
     from vlm_jax.layers import lora
     from vlm_jax.train.checkpoint import restore_params
     from vlm_jax.train.optim import trainable_fn
     from vlm_jax.train.trainer import initial_params
 
+    inputs = init_inputs(config)
+
     def init(rng):
-        variables = model.init({"params": rng, "dropout": rng}, jnp.zeros((1, 1), jnp.int32), train=False)
-        return nn.meta.unbox(variables["params"])
+        return nn.meta.unbox(model.init({"params": rng, "dropout": rng}, *inputs, train=False))
 
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
+    abstract_vars = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), jax.eval_shape(init, jax.random.PRNGKey(0))
     )
+    abstract = abstract_vars["params"]
+    state = {k: v for k, v in abstract_vars.items() if k not in ("params", "cache", "intermediates") and v}
     trainable = trainable_fn(config)
     if trainable is None:
-        return restore_params(workdir, abstract, step=step)
-    stored = restore_params(workdir, lora.subset(abstract, trainable(abstract)), step=step)
-    init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # the trainer's
-    fresh = initial_params(config, jax.jit(init, out_shardings=sharding)(init_rng), abstract)
-    return lora.overlay(fresh, stored)
+        params = restore_params(workdir, abstract, step=step)
+    else:
+        stored = restore_params(workdir, lora.subset(abstract, trainable(abstract)), step=step)
+        init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # the trainer's
+        fresh = initial_params(config, jax.jit(lambda r: init(r)["params"], out_shardings=sharding)(init_rng), abstract)
+        params = lora.overlay(fresh, stored)
+    if not state:
+        return params
+    return {"params": params, **restore_params(workdir, state, step=step, key="model_state")}
 
 
 def load_for_sampling(

@@ -135,18 +135,19 @@ def _params_location(source: str, step: int | None = None) -> tuple[str, int | N
     return os.path.join(directory, str(step), "state"), step
 
 
-def restore_params(source: str, abstract_params: Any, *, step: int | None = None) -> Any:
+def restore_params(source: str, abstract_params: Any, *, step: int | None = None, key: str = "params") -> Any:
     """The params of a run's checkpoint at `step` (default: the latest), or of a converted model,
     that the abstract params tree names, laid out as its shardings. Every named leaf must exist
-    with the same shape; leaves of the source that are not named are left on disk."""
+    with the same shape; leaves of the source that are not named are left on disk. key: the part
+    of a run's saved state to read ("params", or e.g. "model_state" for BatchNorm statistics)."""
     path, step = _params_location(source, step)
     handler = ocp.PyTreeCheckpointHandler()
     stored = handler.metadata(epath_of(path))
     stored = getattr(stored, "tree", stored)
     if step is not None:
-        stored = stored.get("params") if isinstance(stored, dict) else None
+        stored = stored.get(key) if isinstance(stored, dict) else None
         if stored is None:
-            raise CheckpointMismatchError(f"init_from {source!r}: the checkpoint's state has no params")
+            raise CheckpointMismatchError(f"init_from {source!r}: the checkpoint's state has no {key}")
     have = _leaves_by_path(stored)
     problems = []
     for name, leaf in _leaves_by_path(abstract_params).items():
@@ -158,14 +159,14 @@ def restore_params(source: str, abstract_params: Any, *, step: int | None = None
     if problems:
         shown = "\n  ".join(problems[:20])
         raise CheckpointMismatchError(f"init_from {source!r} does not fit this model:\n  {shown}")
-    item = abstract_params if step is None else {"params": abstract_params}
+    item = abstract_params if step is None else {key: abstract_params}
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=getattr(a, "sharding", None), dtype=a.dtype), item
     )
     restored = ocp.PyTreeCheckpointer().restore(
         path, args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True)
     )
-    return restored if step is None else restored["params"]
+    return restored if step is None else restored[key]
 
 
 def epath_of(path: str) -> Any:
