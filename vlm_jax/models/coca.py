@@ -12,6 +12,22 @@ logits (clipped like CLIP's). The losses live in tasks/coca.py.
 Padding (pad_id, right-padded rows): real tokens never attend to it (causal mask), and the [CLS]
 token attends to the real tokens only (segment ids: pad 0, real and [CLS] 1).
 
+open_clip's CoCa (open_clip.CoCa, "the original OpenCLIP CoCa setup, does not match paper"; the
+converter is vlm_jax.convert.open_clip_coca) is two options away, each "paper" by default:
+- pooling="open_clip" (model.pooling): the ViT keeps its class token and has no norm before
+  pooling (open_clip's ln_pre and bias-free patch conv are image.pre_norm=True and
+  image.patch_bias=False, which the converter sets); ONE pooler `pooler` of 1 + caption_queries
+  queries of width embed_dim, with layer-normed queries (ln_queries) and context (ln_context), then
+  ln_out (open_clip's ln_post): its first output, through image_projection [E, E], is the image
+  embedding, the others are the captioning tokens.
+- text_layout="open_clip" (model.text.layout): a multimodal layer is a whole self-attention block (ln1, attn, ln2, mlp)
+  then a whole cross-attention block (ln_cross; ln_context on the image tokens; cross_attn;
+  ln_cross_mlp, cross_mlp); lm_head has no bias; the multimodal layers are causal only (no padding
+  mask: only the padding positions' logits see it); and the unimodal layers use open_clip's
+  (legacy) [CLS]/padding mask: every query sees key 0 and key j + 1 iff token j is not pad_id,
+  within the causal mask, so a padded row's [CLS] sees the tokens and the first padding position
+  but not itself (TextTransformer.correct_cls_mask False, which open_clip's CoCa always builds).
+
 Param tree: image/... (ViT), contrastive_pooler/{queries [1, Ei], ln_context, attn, ln_out},
 caption_pooler/{queries [N, Et], ln_context, attn, ln_out}, image_projection/kernel [Ei, E],
 token_embedding/embedding [V, Et], text_pos_embedding [context_length + 1, Et], cls_token [Et],
@@ -19,6 +35,9 @@ unimodal/layers_i (or unimodal/layers, scanned) with ln1, attn/{query,key,value,
 mlp/{fc1,fc2}; ln_cls, text_projection/kernel [Et, E]; multimodal/layers_i (or layers) with
 the same plus ln_cross, cross_attn/{query,key,value,out}; ln_final, lm_head/{kernel,bias};
 logit_scale [].
+pooling="open_clip": pooler/{queries [1 + N, E], ln_queries, ln_context, attn, ln_out} replaces
+the two poolers, image_projection/kernel [E, E]. text_layout="open_clip": multimodal layers have
+ln1, attn, ln2, mlp, ln_cross, ln_context, cross_attn, ln_cross_mlp, cross_mlp; lm_head/kernel only.
 
 Decoding: `model.make_decoder()` is the vlm_jax.sampling.decode `Decoder` of the captioner:
 its cache holds the captioning pooler's tokens of the context images (computed once in
@@ -62,6 +81,7 @@ class AttentionalPooler(nn.Module):
     ln_eps: float = 1e-6
     dtype: Any = jnp.float32
     impl: str = "auto"
+    query_norm: bool = False  # ln_queries on the learned queries (open_clip's ln_q)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,7 +92,10 @@ class AttentionalPooler(nn.Module):
             (self.num_queries, self.width),
             jnp.float32,
         )
-        q = jnp.broadcast_to(queries.astype(self.dtype), (x.shape[0],) + queries.shape)
+        queries = queries.astype(self.dtype)
+        if self.query_norm:
+            queries = LayerNorm(self.ln_eps, self.dtype, name="ln_queries")(queries)
+        q = jnp.broadcast_to(queries, (x.shape[0],) + queries.shape)
         kv = LayerNorm(self.ln_eps, self.dtype, name="ln_context")(x)
         y = MultiHeadAttention(self.num_heads, dtype=self.dtype, impl=self.impl, name="attn")(q, kv)
         return LayerNorm(self.ln_eps, self.dtype, name="ln_out")(y)
@@ -82,7 +105,8 @@ class CausalSelfAttention(nn.Module):
     """Causal self-attention with segment ids and an optional KV cache: [B, T, E] -> [B, T, E].
 
     Params as layers.attention.MultiHeadAttention: query/key/value [E, H, D] (+ bias), out.
-    Not decoding: segment_ids [B, T] restrict each query to keys of its own segment. Decoding:
+    Not decoding: segment_ids [B, T] restrict each query to keys of its own segment (the keys'
+    segments are kv_segment_ids [B, T] where given, else segment_ids). Decoding:
     each call appends its T tokens to the cache with their segment ids (0: padding) and attends
     over the slots written so far of its own segment (vlm_jax.models.llama's scheme).
     """
@@ -95,7 +119,9 @@ class CausalSelfAttention(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         b, t, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
@@ -134,14 +160,24 @@ class CausalSelfAttention(nn.Module):
                 ci.value = index + t
                 y = _cached_attention(q, ck.value, cv.value, index, seg, cs.value)
         else:
-            y = kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=self.impl)
+            y = kernels.attention(
+                q, k, v, causal=True, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, impl=self.impl
+            )
         return DenseGeneral(
             (width,), (-2, -1), ("heads", "kv", "embed"), use_bias=True, dtype=self.dtype, name="out"
         )(y.astype(self.dtype))
 
 
+TEXT_LAYOUTS = ("paper", "open_clip")
+POOLINGS = ("paper", "open_clip")
+
+
 class TextBlock(nn.Module):
-    """x + attn(ln1(x)) [+ cross_attn(ln_cross(x), context)], then x + mlp(ln2(x))."""
+    """x + attn(ln1(x)) [+ cross_attn(ln_cross(x), context)], then x + mlp(ln2(x)).
+
+    layout "open_clip" (cross only): x + attn(ln1(x)), x + mlp(ln2(x)), then
+    x + cross_attn(ln_cross(x), ln_context(context)), x + cross_mlp(ln_cross_mlp(x)).
+    """
 
     num_heads: int
     mlp_dim: int
@@ -153,25 +189,42 @@ class TextBlock(nn.Module):
     decode: bool = False
     dtype: Any = jnp.float32
     impl: str = "auto"
+    layout: str = "paper"
     scanned: bool = False  # under nn.scan the body maps (carry, *broadcast) -> (carry, None)
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array | None, context: jax.Array | None
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None,
+        context: jax.Array | None,
+        kv_segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, None]:
-        """x [B, T, E], segment_ids int [B, T], context [B, N, Ec] (cross only) -> [B, T, E]."""
+        """x [B, T, E], segment_ids int [B, T] (kv_segment_ids [B, T]: the keys', when they differ),
+        context [B, N, Ec] (cross only) -> [B, T, E]."""
         x = nn.with_logical_constraint(x, _ACT_AXES)
         y = LayerNorm(self.ln_eps, self.dtype, name="ln1")(x)
         x = x + CausalSelfAttention(
             self.num_heads, self.max_len, self.qkv_bias, self.decode, self.dtype, self.impl, name="attn"
-        )(y, segment_ids)
+        )(y, segment_ids, kv_segment_ids)
+        open_clip = self.cross and self.layout == "open_clip"
+        if open_clip:
+            y = LayerNorm(self.ln_eps, self.dtype, name="ln2")(x)
+            x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
         if self.cross:
             y = LayerNorm(self.ln_eps, self.dtype, name="ln_cross")(x)
+            context = context.astype(self.dtype)
+            if open_clip:
+                context = LayerNorm(self.ln_eps, self.dtype, name="ln_context")(context)
             x = x + MultiHeadAttention(
                 self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype, impl=self.impl, name="cross_attn"
-            )(y, context.astype(self.dtype))
-        y = LayerNorm(self.ln_eps, self.dtype, name="ln2")(x)
-        x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
+            )(y, context)
+        if open_clip:
+            y = LayerNorm(self.ln_eps, self.dtype, name="ln_cross_mlp")(x)
+            x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="cross_mlp")(y)
+        else:
+            y = LayerNorm(self.ln_eps, self.dtype, name="ln2")(x)
+            x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
         x = nn.with_logical_constraint(x, _ACT_AXES)
         return (x, None) if self.scanned else x
 
@@ -192,10 +245,15 @@ class TextStack(nn.Module):
     scan_layers: bool = False
     remat: str = "none"
     impl: str = "auto"
+    layout: str = "paper"
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array | None, context: jax.Array | None = None
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None,
+        context: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
     ) -> jax.Array:
         block = TextBlock
         if self.remat != "none":
@@ -205,28 +263,28 @@ class TextStack(nn.Module):
         kwargs = dict(
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, max_len=self.max_len, cross=self.cross,
             act=self.act, ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, decode=self.decode,
-            dtype=self.dtype, impl=self.impl,
+            dtype=self.dtype, impl=self.impl, layout=self.layout,
         )
         if self.scan_layers:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**kwargs, scanned=True, name="layers")(x, segment_ids, context)
+            x, _ = stack(**kwargs, scanned=True, name="layers")(x, segment_ids, context, kv_segment_ids)
             return x
         for i in range(self.depth):
-            x = block(**kwargs, name=f"layers_{i}")(x, segment_ids, context)
+            x = block(**kwargs, name=f"layers_{i}")(x, segment_ids, context, kv_segment_ids)
         return x
 
 
 class CoCa(nn.Module):
     """(images [B, H, W, C], tokens int [B, L]) -> embeddings, temperature, caption logits."""
 
-    image: nn.Module  # a vit.ViT without class token or head (its encode gives the tokens)
+    image: nn.Module  # a vit.ViT without head (its encode gives the tokens); class token: open_clip pooling
     embed_dim: int = 512
     vocab_size: int = 64000
     context_length: int = 64
@@ -247,18 +305,34 @@ class CoCa(nn.Module):
     remat: str = "none"
     attn_impl: str = "auto"
     decode: bool = False  # the captioner's KV cache (make_decoder clones the model with True)
+    pooling: str = "paper"  # paper | open_clip (see the module docstring)
+    text_layout: str = "paper"  # paper | open_clip (see the module docstring)
 
     def setup(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"CoCa pooling {self.pooling!r}: choose one of {POOLINGS}")
+        if self.text_layout not in TEXT_LAYOUTS:
+            raise ValueError(f"CoCa text_layout {self.text_layout!r}: choose one of {TEXT_LAYOUTS}")
         image_width = self.image.width
-        self.contrastive_pooler = AttentionalPooler(
-            1, image_width, self.pooler_heads, self.image.ln_eps, self.dtype, self.attn_impl
-        )
-        self.caption_pooler = AttentionalPooler(
-            self.caption_queries, self.text_width, self.pooler_heads, self.image.ln_eps, self.dtype, self.attn_impl
-        )
+        if self.pooling == "open_clip":
+            # One pooler: query 0 gives the image embedding, the others the captioning tokens.
+            self.pooler = AttentionalPooler(
+                1 + self.caption_queries, self.embed_dim, self.pooler_heads, self.image.ln_eps, self.dtype,
+                self.attn_impl, query_norm=True,
+            )
+            projection_in = self.embed_dim
+        else:
+            self.contrastive_pooler = AttentionalPooler(
+                1, image_width, self.pooler_heads, self.image.ln_eps, self.dtype, self.attn_impl
+            )
+            self.caption_pooler = AttentionalPooler(
+                self.caption_queries, self.text_width, self.pooler_heads, self.image.ln_eps, self.dtype,
+                self.attn_impl,
+            )
+            projection_in = image_width
         self.image_projection = dense(
             self.embed_dim, ("embed", "mlp"), dtype=self.dtype, use_bias=False,
-            kernel_init=nn.initializers.normal(image_width**-0.5),
+            kernel_init=nn.initializers.normal(projection_in**-0.5),
         )
         self.token_embedding = token_embedding(self.vocab_size, self.text_width, dtype=self.dtype)
         # One more position than tokens: the [CLS] token sits after the last one.
@@ -280,14 +354,16 @@ class CoCa(nn.Module):
             scan_layers=self.scan_layers, remat=self.remat, impl=self.attn_impl,
         )
         self.unimodal = TextStack(self.unimodal_depth, cross=False, **stack)
-        self.multimodal = TextStack(self.multimodal_depth, cross=True, **stack)
+        self.multimodal = TextStack(self.multimodal_depth, cross=True, layout=self.text_layout, **stack)
         self.ln_cls = LayerNorm(self.text_ln_eps, self.dtype)
         self.text_projection = dense(
             self.embed_dim, ("embed", "mlp"), dtype=self.dtype, use_bias=False,
             kernel_init=nn.initializers.normal(self.text_width**-0.5),
         )
         self.ln_final = LayerNorm(self.text_ln_eps, self.dtype)
-        self.lm_head = dense(self.vocab_size, ("embed", "vocab"), dtype=self.dtype)
+        self.lm_head = dense(
+            self.vocab_size, ("embed", "vocab"), dtype=self.dtype, use_bias=self.text_layout == "paper"
+        )
         self.logit_scale = self.param(
             "logit_scale",
             nn.with_logical_partitioning(nn.initializers.constant(self.logit_scale_init), ()),
@@ -302,7 +378,13 @@ class CoCa(nn.Module):
         return self.image.encode(images, train=train)["hidden"]
 
     def _image_embed(self, tokens: jax.Array) -> jax.Array:
-        return self.image_projection(self.contrastive_pooler(tokens)[:, 0]).astype(jnp.float32)
+        pooled = self.pooler(tokens) if self.pooling == "open_clip" else self.contrastive_pooler(tokens)
+        return self.image_projection(pooled[:, 0]).astype(jnp.float32)
+
+    def _caption_tokens(self, tokens: jax.Array) -> jax.Array:
+        if self.pooling == "open_clip":
+            return self.pooler(tokens)[:, 1:]
+        return self.caption_pooler(tokens)
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images [B, H, W, C] -> projected, unnormalised float32 features [B, E]."""
@@ -310,11 +392,15 @@ class CoCa(nn.Module):
 
     def caption_context(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images [B, H, W, C] -> the captioning pooler's tokens [B, caption_queries, Et]."""
-        return self.caption_pooler(self.image_tokens(images, train=train))
+        return self._caption_tokens(self.image_tokens(images, train=train))
 
     def poolers(self, images: jax.Array) -> dict[str, jax.Array]:
-        """images -> contrastive [B, 1, Ei] and caption [B, caption_queries, Et] pooler outputs."""
+        """images -> contrastive [B, 1, Ei] and caption [B, caption_queries, Et] pooler outputs
+        (open_clip pooling: [B, 1, E] and [B, caption_queries, E], the one pooler's split)."""
         tokens = self.image_tokens(images)
+        if self.pooling == "open_clip":
+            pooled = self.pooler(tokens)
+            return dict(contrastive=pooled[:, :1], caption=pooled[:, 1:])
         return dict(contrastive=self.contrastive_pooler(tokens), caption=self.caption_pooler(tokens))
 
     # ------------------------------------------------------------------ text side
@@ -333,18 +419,21 @@ class CoCa(nn.Module):
         x = self._embed_tokens(tokens)
         cls = (self.cls_token + self.text_pos_embedding[t]).astype(self.dtype)
         x = jnp.concatenate([x, jnp.broadcast_to(cls, (b, 1, self.text_width))], axis=1)
-        # Pad 0, the rest 1: [CLS] sees every real token and no padding.
-        segment_ids = jnp.concatenate(
-            [(tokens != self.pad_id).astype(jnp.int32), jnp.ones((b, 1), jnp.int32)], axis=1
-        )
-        h = self.unimodal(x, segment_ids)
+        real = (tokens != self.pad_id).astype(jnp.int32)
+        ones = jnp.ones((b, 1), jnp.int32)
+        if self.text_layout == "open_clip":
+            # open_clip's legacy mask: key 0 always, key j + 1 iff token j is real, for every query.
+            h = self.unimodal(x, jnp.ones((b, t + 1), jnp.int32), kv_segment_ids=jnp.concatenate([ones, real], 1))
+        else:
+            # Pad 0, the rest 1: [CLS] sees every real token and no padding.
+            h = self.unimodal(x, jnp.concatenate([real, ones], axis=1))
         return h[:, :t], self.ln_cls(h[:, t])
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """tokens int [B, L] -> projected, unnormalised float32 features [B, E] (the [CLS] output)."""
         return self.text_projection(self._unimodal_with_cls(tokens)[1]).astype(jnp.float32)
 
-    def _caption_head(self, h: jax.Array, segment_ids: jax.Array, context: jax.Array) -> jax.Array:
+    def _caption_head(self, h: jax.Array, segment_ids: jax.Array | None, context: jax.Array) -> jax.Array:
         x = self.ln_final(self.multimodal(h, segment_ids, context))
         logits = nn.with_logical_constraint(self.lm_head(x), ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
@@ -370,8 +459,9 @@ class CoCa(nn.Module):
         image_embeds = l2_normalize(self._image_embed(image_tokens))
         h, text_features = self._unimodal_with_cls(tokens)
         text_embeds = l2_normalize(self.text_projection(text_features))
-        segment_ids = (tokens != self.pad_id).astype(jnp.int32)
-        logits = self._caption_head(h, segment_ids, self.caption_pooler(image_tokens))
+        # open_clip's multimodal layers are causal only (the padding positions see the padding).
+        segment_ids = None if self.text_layout == "open_clip" else (tokens != self.pad_id).astype(jnp.int32)
+        logits = self._caption_head(h, segment_ids, self._caption_tokens(image_tokens))
         logit_scale = jnp.exp(jnp.minimum(self.logit_scale, self.logit_scale_max))
         return dict(image_embeds=image_embeds, text_embeds=text_embeds, logit_scale=logit_scale, logits=logits)
 
@@ -443,10 +533,13 @@ def from_config(cfg: ml_collections.ConfigDict) -> CoCa:
         scan_layers=cfg.get("scan_layers", False),
         remat=cfg.get("remat", "none"),
     )
-    # The poolers read every ViT token: no class token, no pre-logits or head.
-    image = vit.from_config(
-        cfg.image, num_classes=0, representation_size=0, pool="gap", class_token=False, **common
-    )
+    pooling = cfg.get("pooling", "paper")
+    # The poolers read every ViT token, no pre-logits or head.
+    if pooling == "open_clip":  # open_clip's ViT keeps its class token; its norm comes after the pooler
+        extra = dict(pool="cls", class_token=True, final_norm=False)
+    else:  # the paper's has no class token
+        extra = dict(pool="gap", class_token=False)
+    image = vit.from_config(cfg.image, num_classes=0, representation_size=0, **extra, **common)
     t = cfg.text
     return CoCa(
         image=image,
@@ -469,4 +562,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> CoCa:
         scan_layers=common["scan_layers"],
         remat=common["remat"],
         attn_impl=cfg.get("attn_impl", "auto"),
+        pooling=pooling,
+        text_layout=t.get("layout", "paper"),
     )
