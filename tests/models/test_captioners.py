@@ -49,6 +49,12 @@ def st():
 
 
 @pytest.fixture(scope="module")
+def st_inject():
+    """Show and Tell with the image embedding beside every word (image_input every_step)."""
+    return _build(show_tell, image_input="every_step", image_norm="layer")
+
+
+@pytest.fixture(scope="module")
 def sat():
     return _build(show_attend_tell)
 
@@ -57,7 +63,7 @@ def _logits(out):
     return out["logits"] if isinstance(out, dict) else out
 
 
-@pytest.mark.parametrize("which", ["st", "sat"])
+@pytest.mark.parametrize("which", ["st", "st_inject", "sat"])
 def test_shapes_and_teacher_forcing_alignment(which, request):
     model, variables = request.getfixturevalue(which)
     images, tokens = _images(3), _tokens(3)
@@ -142,7 +148,7 @@ def test_hard_attention_reinforce_gradients_flow():
 PROMPTS = [[2], [2, 5, 9, 4], [2, 11]]
 
 
-@pytest.mark.parametrize("which", ["st", "sat"])
+@pytest.mark.parametrize("which", ["st", "st_inject", "sat"])
 def test_greedy_decoding_matches_the_teacher_forced_model(which, request):
     """generate (a padded batch of prompts of different lengths) == per row, step-by-step argmax
     of the full model on the row's own prefix: decoding is right and padding changes nothing."""
@@ -224,3 +230,34 @@ def test_tiny_config_trains(name, world_cache, tmp_path):
     # more locations than words).
     losses = [r["train/nll"] for r in read_metrics(tmp_path / name) if "train/nll" in r]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+
+
+def test_beam_search_finds_the_exhaustive_best_caption():
+    """A wide enough beam returns the best caption of all V^n (with eos, length-penalised) ones."""
+    import itertools
+
+    vocab, steps, eos, alpha = 6, 3, 3, 0.6
+    model = show_tell.from_config(_cfg("show_tell", vocab_size=vocab))
+    image, bos = _images(1, seed=7), 2
+    tokens = jnp.zeros((1, steps + 1), jnp.int32)
+    variables = nn.unbox(jax.jit(lambda r: model.init({"params": r}, image, tokens))(jax.random.key(3)))
+    params = variables["params"]
+    params["out"]["kernel"] = params["out"]["kernel"] * 4.0
+    candidates = [c for n in range(1, steps + 1) for c in itertools.product(range(vocab), repeat=n)
+                  if eos not in c[:-1] and (n == steps or c[-1] == eos)]
+    rows = np.zeros((len(candidates), steps + 1), np.int32)
+    rows[:, 0] = bos
+    for r, c in enumerate(candidates):
+        rows[r, 1 : 1 + len(c)] = c
+    images = jnp.broadcast_to(image, (len(rows),) + image.shape[1:])
+    logp = np.asarray(jax.nn.log_softmax(model.apply({"params": params}, images, jnp.asarray(rows)), axis=-1))
+    scores = [sum(logp[r, j, t] for j, t in enumerate(c)) / ((5 + len(c)) / 6) ** alpha
+              for r, c in enumerate(candidates)]
+    best = candidates[int(np.argmax(scores))]
+    out = decode.generate_detailed(
+        decode.decoder_for(model), params, [[bos]], max_new_tokens=steps, method="beam",
+        beam_size=vocab ** (steps - 1), stop_tokens=(eos,), length_penalty=alpha, context=image,
+    )
+    top = out.beams[0][0]
+    assert top.tokens + ([eos] if top.stopped else []) == list(best)
+    np.testing.assert_allclose(top.score, max(scores), rtol=1e-5)

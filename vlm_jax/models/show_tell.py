@@ -8,13 +8,19 @@ logits[:, t] is the distribution of tokens[:, t + 1] given the image and tokens[
 LSTM has read the image, then tokens 0..t). So the loss compares logits[:, :-1] with tokens[:, 1:]
 (tasks/caption.py); the last position predicts what would follow tokens[:, -1].
 
+image_input "every_step" (not the paper's; the par-inject captioners of Mao et al. 2015 and
+Donahue et al. 2015) drops the t = -1 step and feeds [W_e S_t; x_img] at every step instead, so
+logits[:, t] is still the distribution of tokens[:, t + 1]. image_norm "layer" | "batch" normalises
+the image embedding (batch: BatchNorm, statistics in the "batch_stats" collection).
+
 Image encoders (`encoder.kind`): "cnn" (resnet.SmallCNN, the tiny config), "vgg" (a VGG-style
 conv stack, below), "resnet" (CLIP's ModifiedResNet; BatchNorm: its statistics live in the
 "batch_stats" collection) or "vit". `encoder.freeze` stops the gradient at the encoder's output
 (the encoder's params still get weight decay unless optim.trainable excludes them).
 
 Decoding (vlm_jax.sampling.decode): `make_decoder()` -> ShowTellDecoder, whose "cache" is the
-LSTM state (c, h); `context` is the images: init_cache encodes them and runs the t = -1 step.
+LSTM state (c, h) (and the image embedding with every_step); `context` is the images: init_cache
+encodes them and runs the t = -1 step.
 
 Param tree: encoder/..., image_proj (W_I), embed/embedding (W_e), lstm/cell/{input_kernel,
 hidden_kernel, bias} (vlm_jax.layers.lstm: forget-gate bias 1 at init), out (W_o).
@@ -39,6 +45,7 @@ from vlm_jax.models import resnet, vit
 
 ENCODERS = ("cnn", "vgg", "resnet", "vit")
 IMAGE_NORMS = ("none", "layer", "batch")
+IMAGE_INPUTS = ("once", "every_step")
 # VGG-16's conv stages (convs per stage, channels); without the last pool: 224 -> 14x14x512.
 VGG16 = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
@@ -141,10 +148,13 @@ class ShowTell(nn.Module):
     hidden: int = 512
     dropout: float = 0.0
     image_norm: str = "none"  # none | layer | batch: a norm on the image embedding x_{-1}
+    image_input: str = "once"  # once (the paper: x_{-1}) | every_step (beside each word; no t = -1)
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
         self.image_proj = dense(self.embed_dim, ("embed", "mlp"), dtype=self.dtype)
+        if self.image_input not in IMAGE_INPUTS:
+            raise ValueError(f"image_input {self.image_input!r}: choose one of {IMAGE_INPUTS}")
         if self.image_norm not in IMAGE_NORMS:
             raise ValueError(f"image_norm {self.image_norm!r}: choose one of {IMAGE_NORMS}")
         if self.image_norm == "layer":
@@ -175,25 +185,38 @@ class ShowTell(nn.Module):
     def _logits(self, h: jax.Array, train: bool) -> jax.Array:
         return self.out(self.drop(h, deterministic=not train)).astype(jnp.float32)
 
+    def _inputs(self, tokens: jax.Array, img: jax.Array | None, train: bool) -> jax.Array:
+        """The LSTM inputs of tokens [B, T]: word embeddings, with every_step the image beside each."""
+        words = self.drop(self.embed(tokens).astype(jnp.float32), deterministic=not train)
+        if self.image_input == "every_step":
+            words = jnp.concatenate([words, jnp.broadcast_to(img[:, None], words.shape[:2] + img.shape[-1:])], -1)
+        return words
+
     def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> jax.Array:
         img = self.encode(images, train)
-        words = self.drop(self.embed(tokens).astype(jnp.float32), deterministic=not train)
-        x = jnp.concatenate([img[:, None], words], axis=1)
-        valid = jnp.ones(x.shape[:2], bool)
-        _, hs = self.lstm(zero_carry(x.shape[0], self.hidden), (x, valid))
+        x = self._inputs(tokens, img, train)
+        zero = zero_carry(x.shape[0], self.hidden)
+        if self.image_input == "every_step":
+            _, hs = self.lstm(zero, (x, jnp.ones(x.shape[:2], bool)))
+            return self._logits(hs, train)
+        x = jnp.concatenate([img[:, None], x], axis=1)
+        _, hs = self.lstm(zero, (x, jnp.ones(x.shape[:2], bool)))
         return self._logits(hs[:, 1:], train)  # hs[:, 0] is the image step (t = -1)
 
-    def init_state(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """The LSTM state (c, h) after the image step t = -1."""
+    def init_state(self, images: jax.Array, train: bool = False) -> dict:
+        """{"c", "h"}: the LSTM state after the image step t = -1 (every_step: zeros, plus "img",
+        the image embedding fed beside each word)."""
         img = self.encode(images, train)
-        carry, _ = self.lstm(zero_carry(img.shape[0], self.hidden), (img[:, None], jnp.ones((img.shape[0], 1), bool)))
-        return carry
+        zero = zero_carry(img.shape[0], self.hidden)
+        if self.image_input == "every_step":
+            return {"c": zero[0], "h": zero[1], "img": img}
+        (c, h), _ = self.lstm(zero, (img[:, None], jnp.ones((img.shape[0], 1), bool)))
+        return {"c": c, "h": h}
 
-    def decode_step(self, carry, tokens: jax.Array, valid: jax.Array, train: bool = False):
-        """Feeds tokens [B, T] (valid False: padding, state unchanged) -> (logits f32 [B, T, V], carry)."""
-        words = self.drop(self.embed(tokens).astype(jnp.float32), deterministic=not train)
-        carry, hs = self.lstm(carry, (words, valid))
-        return self._logits(hs, train), carry
+    def decode_step(self, state: dict, tokens: jax.Array, valid: jax.Array, train: bool = False):
+        """Feeds tokens [B, T] (valid False: padding, state unchanged) -> (logits f32 [B, T, V], state)."""
+        (c, h), hs = self.lstm((state["c"], state["h"]), (self._inputs(tokens, state.get("img"), train), valid))
+        return self._logits(hs, train), dict(state, c=c, h=h)
 
     def make_decoder(self) -> "ShowTellDecoder":
         return ShowTellDecoder(self)
@@ -201,8 +224,9 @@ class ShowTell(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class ShowTellDecoder:
-    """vlm_jax.sampling.decode's `Decoder` for ShowTell: cache = {"c", "h"} f32 [B, hidden];
-    context = images [B, H, W, 3] (required); positions are not needed by a recurrent model."""
+    """vlm_jax.sampling.decode's `Decoder` for ShowTell: cache = {"c", "h"} f32 [B, hidden] (and
+    "img" [B, embed_dim] with image_input every_step); context = images [B, H, W, 3] (required);
+    positions are not needed by a recurrent model."""
 
     model: Any
     max_len: int | None = None
@@ -212,15 +236,11 @@ class ShowTellDecoder:
             raise ValueError("a captioning decoder needs the images as context")
         if context.shape[0] != batch_size:
             raise ValueError(f"{context.shape[0]} images for {batch_size} prompts")
-        c, h = self.model.apply(variables_of(params), context, method="init_state")
-        return {"c": c, "h": h}
+        return self.model.apply(variables_of(params), context, method="init_state")
 
     def step(self, params, cache, tokens, positions, valid):
         del positions
-        logits, (c, h) = self.model.apply(
-            variables_of(params), (cache["c"], cache["h"]), tokens, valid, method="decode_step"
-        )
-        return logits, {"c": c, "h": h}
+        return self.model.apply(variables_of(params), cache, tokens, valid, method="decode_step")
 
     def select(self, cache: dict, rows: jax.Array) -> dict:
         return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
@@ -239,5 +259,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> ShowTell:
         hidden=cfg.hidden,
         dropout=cfg.get("dropout", 0.0),
         image_norm=str(cfg.get("image_norm", "none")),
+        image_input=str(cfg.get("image_input", "once")),
         dtype=jnp.dtype(dtype),
     )
