@@ -106,7 +106,7 @@ def test_attention_maps_of_sat_and_coca_are_distributions_over_the_grid(sat):
     variables = jax.jit(coca.init)(jax.random.key(0), images, tokens)
     coca_params = nn.unbox(variables)["params"]
     maps = attention.image_attention(coca, coca_params, images, tokens)
-    assert maps.shape == (2, 5, 8, 8)  # 32 / patch 4
+    assert maps.shape == (2, 5, 4, 4)  # 32 / patch 8
     np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, atol=1e-5)
     # Each query's map differs with the tokens it follows (not one map for the caption).
     assert np.abs(maps[0, 1] - maps[0, 3]).max() > 1e-6

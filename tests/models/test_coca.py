@@ -233,7 +233,8 @@ def test_tiny_and_base_configs_build():
     )
     params = nn.unbox(shapes["params"])
     assert params["caption_pooler"]["queries"].shape == (16, 128)
-    assert params["image"]["pos_embed"]["pos_embedding"].shape == ((32 // 4) ** 2, 128)
+    assert params["image"]["pos_embed"]["pos_embedding"].shape == ((32 // 8) ** 2, 128)
+    assert tuple(config.evals.caption.kinds) == ("caption",) and config.evals.caption.grounding
     assert len(params["unimodal"]) == len(params["multimodal"]) == 2
     assert params["lm_head"]["kernel"].shape == (128, 512)
     base = config_lib.load(f"{CONFIG}:base").model
