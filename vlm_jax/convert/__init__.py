@@ -16,10 +16,8 @@ import jax
 import ml_collections
 
 from vlm_jax.convert import hf_clip, hf_llama, hf_vit
-from vlm_jax.convert.checks import ConversionError, Tensors, check_tree
+from vlm_jax.convert.checks import ConversionError, Tensors, finish_params
 from vlm_jax.convert.safetensors_io import read_safetensors
-from vlm_jax.layers.transformer import stack_layers
-from vlm_jax.models import build
 
 __all__ = ["ConversionError", "from_hf", "to_hf"]
 
@@ -85,14 +83,7 @@ def from_hf(
     params = converter.params(tensors, model_cfg)
     tensors.finish()
 
-    model_cfg.dtype = dtype
-    model_cfg.scan_layers = scan_layers
-    if scan_layers:
-        params = stack_layers(params)
-    model = build(model_cfg)
-    inputs = converter.dummy_inputs(model_cfg)
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
-    check_tree(nn.unbox(expected)["params"], params)
+    params = finish_params(model_cfg, params, converter.dummy_inputs(model_cfg), dtype=dtype, scan_layers=scan_layers)
 
     config = _family_config(family, variant)
     config.model = model_cfg

@@ -71,3 +71,23 @@ def check_tree(expected: Mapping[str, Any], params: Mapping[str, Any]) -> None:
         raise ConversionError(
             f"converted params do not match the model ({len(problems)}):\n  {shown}"
         )
+
+
+def finish_params(model_cfg: Any, params: dict, inputs: tuple, *, dtype: str, scan_layers: bool) -> dict:
+    """The last steps of every conversion: set the model config's dtype and scan_layers, stack the
+    layers for nn.scan when asked, and check the params against the built model's own init
+    (`inputs`: example inputs for model.init). Returns the (possibly stacked) params."""
+    import flax.linen as nn
+    import jax
+
+    from vlm_jax.layers.transformer import stack_layers
+    from vlm_jax.models import build
+
+    model_cfg.dtype = dtype
+    model_cfg.scan_layers = scan_layers
+    if scan_layers:
+        params = stack_layers(params)
+    model = build(model_cfg)
+    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+    check_tree(nn.unbox(expected)["params"], params)
+    return params

@@ -23,13 +23,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
 import ml_collections
 import numpy as np
 
 from vlm_jax.convert import layouts
-from vlm_jax.convert.checks import ConversionError, Tensors, check_tree
+from vlm_jax.convert.checks import ConversionError, Tensors, finish_params
 
 # open_clip's CLIPVisionCfg / CLIPTextCfg / MultimodalCfg defaults, for the keys a model config leaves out.
 _VISION_DEFAULTS = dict(
@@ -299,18 +297,8 @@ def convert(
     Every checkpoint tensor must find its place and the params must match the model's own tree
     (ConversionError otherwise); with scan_layers=True the layers are stacked for nn.scan.
     """
-    from vlm_jax.layers.transformer import stack_layers
-    from vlm_jax.models import build
-
     cfg = model_config(oc_config, quick_gelu=quick_gelu)
     tensors = Tensors(_canonical(state_dict), ignore=IGNORED)
     out = params(tensors, cfg)
     tensors.finish()
-    cfg.dtype = dtype
-    cfg.scan_layers = scan_layers
-    if scan_layers:
-        out = stack_layers(out)
-    model = build(cfg)
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(cfg)))
-    check_tree(nn.unbox(expected)["params"], out)
-    return cfg, out
+    return cfg, finish_params(cfg, out, dummy_inputs(cfg), dtype=dtype, scan_layers=scan_layers)
