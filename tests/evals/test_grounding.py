@@ -96,16 +96,21 @@ def test_attention_maps_of_sat_and_coca_are_distributions_over_the_grid(sat):
     _, model, params = sat
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     tokens = jnp.array([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
-    maps = attention.image_attention(model, params, images, tokens)
+    def maps_of(model, params):  # jitted: eager flax applies are slow op by op
+        return attention.as_grid(jax.jit(lambda p: attention.flat_attention(model, p, images, tokens))(params))
+
+    maps = maps_of(model, params)
     assert maps.shape == (2, 5, 8, 8)
     np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, atol=1e-5)
 
-    coca_cfg = config_lib.load("configs/coca.py:tiny", {"model.image.width": 32, "model.text.width": 32,
-                                                         "model.embed_dim": 32})
+    coca_cfg = config_lib.load("configs/coca.py:tiny", {
+        "model.image.width": 32, "model.image.depth": 1, "model.text.width": 32, "model.embed_dim": 32,
+        "model.text.unimodal_depth": 1, "model.caption_queries": 4,
+    })
     coca = models.build(coca_cfg)
     variables = jax.jit(coca.init)(jax.random.key(0), images, tokens)
     coca_params = nn.unbox(variables)["params"]
-    maps = attention.image_attention(coca, coca_params, images, tokens)
+    maps = maps_of(coca, coca_params)
     assert maps.shape == (2, 5, 4, 4)  # 32 / patch 8
     np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, atol=1e-5)
     # Each query's map differs with the tokens it follows (not one map for the caption).

@@ -44,32 +44,37 @@ def scene(world_cache, tmp_path_factory):
 
 def test_sample_image_prints_caption_and_writes_attention_png(world_cache, tmp_path, scene, capsys):
     from vlm_jax import cli
-    from vlm_jax.sampling import caption
+    from vlm_jax.data.tokenizer import Tokenizer
+    from vlm_jax.sampling import caption, sample
 
     workdir = tmp_path / "sat"
-    _train("show_attend_tell", world_cache, workdir, **{"model.attn_dim": 16,
+    # Hard attention: its REINFORCE baseline is model state, which sampling restores too.
+    _train("show_attend_tell", world_cache, workdir, **{"model.attn_dim": 16, "model.attention": "hard",
                                                           "model.encoder.stages": ((1, 8), (1, 8), (1, 16))})
-    png = tmp_path / "maps.png"
-    assert cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--attention-png", str(png),
-                     "--method", "greedy", "--max-new-tokens", "6"]) == 0
+    assert cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--method", "greedy",
+                     "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed[-1] == f"attention maps: {png}"
-    got = caption.caption_image(str(workdir), str(scene), method="greedy", max_new_tokens=6, out=None)
-    assert printed[-2] == got["caption"]
-    # One map per generated piece, each a distribution over the 8x8 grid.
-    pieces = got["ids"].index(2) if 2 in got["ids"] else len(got["ids"])  # eos (2) ends the caption
+    # The default figure path is in the workdir, named after the image.
+    assert printed[-1] == f"attention maps: {workdir / 'attention_scene.png'}"
+    assert (workdir / "attention_scene.png").is_file()
+    png = tmp_path / "maps.png"
+    got = caption.caption_image(str(workdir), str(scene), method="greedy", max_new_tokens=6, attention_png=str(png),
+                                out=None)
+    assert printed[-2] == got["caption"] and got["png"] == str(png)
+    # One map per generated piece (eos ends the caption), each a distribution over the 8x8 grid.
+    eos = Tokenizer.load(world_cache / "tokenizer.model").eos_id
+    pieces = got["ids"].index(eos) if eos in got["ids"] else len(got["ids"])
     assert got["maps"].shape == (pieces, 8, 8)
     np.testing.assert_allclose(got["maps"].sum(axis=(1, 2)), 1.0, atol=1e-5)
     sheet = Image.open(png)
     assert sheet.mode == "RGB" and sheet.size[0] >= 2 * caption.PANEL
-    # The default figure path is in the workdir, named after the image.
-    assert cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--method", "greedy",
-                     "--max-new-tokens", "3"]) == 0
-    assert (workdir / "attention_scene.png").is_file()
+    _, _, variables, _ = sample.load_for_sampling(str(workdir))
+    assert int(variables["reinforce"]["updates"]) == 2  # the checkpoint's, not the init's 0
     with pytest.raises(ValueError, match="cannot read the image"):
         caption.caption_image(str(workdir), str(tmp_path / "missing.png"), out=None)
 
 
+@pytest.mark.slow  # CI time: the hard-attention test above restores model state through the same path
 def test_sample_image_restores_batch_norm_statistics(world_cache, tmp_path, scene):
     from vlm_jax.sampling import caption, sample
 
