@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
             # Params to start from: another run's workdir (its latest checkpoint) or a
             # `vlm-jax convert` output. Only the params are taken, not the optimiser or the data.
             init_from="",
+            # 'ours:theirs,...': load only these param subtrees from init_from, each from the
+            # source's subtree of the other name (e.g. 'encoder:image': a CLIP run's image tower
+            # as a captioner's encoder); '' loads every param.
+            init_from_map="",
         )
     )
     config.mesh, config.sharding_rules = default_mesh_and_rules()

@@ -1,5 +1,6 @@
 """Small whole runs through the trainer: they learn, and the config switches do what they say."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -175,3 +176,45 @@ def test_alpaca_stages_pretrain_then_instruct_then_sample(tmp_path, capsys):
         bad = config_lib.load("configs/alpaca.py:tiny")
         bad.stages.pretrain.optim = ml_collections.ConfigDict(dict(lrr=1.0))
         stages.stage_config(bad, "pretrain", None)
+
+
+@pytest.mark.slow  # CI time: two compiled training runs (about 35 s)
+def test_show_tell_stages_pretrain_the_encoder_then_caption_on_it(world_cache, tmp_path):
+    """configs/show_tell.py:tiny, shrunk: stage 'encoder' is a CLIP run (its own config, sharing the
+    base config's data and tokenizer); stage 'caption' loads its image tower as the captioner's
+    encoder (train.init_from_map), which stays frozen."""
+    from vlm_jax.sampling import sample
+    from vlm_jax.train import stages
+
+    run = tmp_path / "run"
+    argv = [
+        f"--config.data.tfds_data_dir={world_cache / 'tfds'}",
+        f"--config.tokenizer.path={world_cache / 'tokenizer.model'}",
+        "--config.data.batch_size=8", "--config.train.progress=False", "--config.train.async_checkpoints=False",
+        "--config.train.log_every=1", "--config.model.hidden=16", "--config.model.embed_dim=16",
+        "--config.stages.encoder.train.steps=2", "--config.stages.encoder.train.eval_every=0",
+        "--config.train.steps=2", "--config.train.eval_every=0",
+    ]
+    config = config_lib.load("configs/show_tell.py:tiny", [a.removeprefix("--") for a in argv])
+    encoder_cfg = stages.stage_config(config, "encoder", None)
+    assert encoder_cfg.model.name == "clip" and encoder_cfg.data.tfds_data_dir == str(world_cache / "tfds")
+    with config.unlocked():  # a small world for both stages, a small batch for the CLIP stage
+        config.data.world_num_examples.update(dict(train=64, validation=32, test=32))
+        config.stages.encoder.data = ml_collections.ConfigDict(dict(batch_size=8))
+        config.stages.encoder.train.update(dict(progress=False, async_checkpoints=False, log_every=1))
+    assert stages.stage_config(config, "encoder", None).data.world_num_examples.train == 64
+    stages.train_stages(config, str(run))
+    assert len(_losses(run / "encoder")) == 2 and len(_losses(run / "caption")) == 2
+    _, _, clip_params, _ = sample.load_for_sampling(str(run / "encoder"))
+    _, _, st_vars, _ = sample.load_for_sampling(str(run / "caption"))
+    st_params = st_vars["params"] if "params" in st_vars else st_vars
+    # The frozen encoder is the CLIP image tower, bit for bit, after the captioner's steps.
+    for a, b in zip(jax.tree.leaves(clip_params["image"]), jax.tree.leaves(st_params["encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad = config_lib.load("configs/show_tell.py:tiny", {"train.init_from": str(run / "encoder"),
+                                                        "train.init_from_map": "decoder:image"})
+    from vlm_jax.train.trainer import init_from_map, initial_params
+
+    assert init_from_map(bad) == {"decoder": "image"}
+    with pytest.raises(ValueError, match="lacks"):
+        initial_params(bad, dict(st_params), dict(st_params))

@@ -107,3 +107,26 @@ def test_sigterm_saves_and_exits_zero(tiny_clip_config, tmp_path):
     assert "preempted" in out
     step = Checkpointer(str(workdir)).latest_step()
     assert step is not None and step >= 3
+
+
+def test_stage_with_its_own_config_shares_data_and_maps_params():
+    """A stage naming another config (Show and Tell's CLIP encoder stage) takes that config's model
+    and task, the base config's data/tokenizer/mesh/seed, and the next stage maps params by name."""
+    from vlm_jax import config as config_lib
+    from vlm_jax.train import stages
+    from vlm_jax.train.trainer import init_from_map
+
+    config = config_lib.load("configs/show_tell.py:tiny", {"data.tfds_data_dir": "/somewhere", "seed": 7})
+    enc = stages.stage_config(config, "encoder", None)
+    assert (enc.model.name, enc.task.name, enc.train.steps) == ("clip", "contrastive", 600)
+    assert enc.data.tfds_data_dir == "/somewhere" and enc.seed == 7 and "stages" not in enc
+    # The image tower the captioner loads has the captioner's encoder shape.
+    assert tuple(enc.model.image.channels) == tuple(config.model.encoder.channels)
+    assert enc.model.embed_dim == config.model.encoder.output_dim
+    cap = stages.stage_config(config, "caption", "/runs/x/encoder")
+    assert cap.model.name == "show_tell" and cap.train.init_from == "/runs/x/encoder"
+    assert init_from_map(cap) == {"encoder": "image"}
+    with config.unlocked():
+        config.train.init_from_map = "encoder"
+    with pytest.raises(ValueError, match="ours:theirs"):
+        init_from_map(config)

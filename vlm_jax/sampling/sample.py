@@ -52,13 +52,18 @@ def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
 
 
 def init_inputs(config: ml_collections.ConfigDict) -> tuple:
-    """Example inputs for model.init: images and tokens for the captioners, tokens otherwise."""
+    """Example inputs for model.init: tokens for a language model, else the task's model inputs of
+    a one-image batch (images and tokens for captioners and CLIP, images for a classifier)."""
     import jax.numpy as jnp
 
-    if str(config.task.get("name", "")) in CAPTION_TASKS:
-        size = int(config.data.image_size)
-        return (jnp.zeros((1, size, size, 3), jnp.float32), jnp.zeros((1, 2), jnp.int32))
-    return (jnp.zeros((1, 1), jnp.int32),)
+    from vlm_jax import tasks
+
+    name = str(config.task.get("name", ""))
+    if name == "lm":
+        return (jnp.zeros((1, 1), jnp.int32),)
+    size = int(config.data.image_size)
+    batch = {"image": jnp.zeros((1, size, size, 3), jnp.float32), "tokens": jnp.zeros((1, 2), jnp.int32)}
+    return tasks.get(name).model_inputs(batch)
 
 
 def _load_params(config: ml_collections.ConfigDict, model: Any, workdir: str, step: int) -> Any:

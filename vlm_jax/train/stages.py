@@ -8,6 +8,10 @@ of its own in <workdir>/<stage>, starting from the previous stage's params and t
     )
 
 A stage's entries override the config's keys (an unknown key is an error, as on the command line).
+A stage with `config="configs/clip.py:tiny"` starts from that config instead (a stage of another
+family, e.g. a captioner's encoder pretrained contrastively; the next stage then picks the params
+it wants with train.init_from_map); it still takes the base config's data, tokenizer, mesh and
+seed (SHARED_KEYS), so command-line overrides of those reach every stage.
 Re-running the command resumes: finished stages are not trained again.
 """
 
@@ -20,6 +24,14 @@ from typing import Any
 import ml_collections
 
 from vlm_jax import config as config_lib
+
+
+# What a stage with its own config (`config=...`) still takes from the base config.
+SHARED_KEYS = (
+    "seed", "data.source", "data.path", "data.image_root", "data.tfds_data_dir", "data.world_seed",
+    "data.world_num_examples", "data.image_size", "tokenizer.path", "tokenizer.vocab_size", "mesh",
+    "sharding_rules",
+)
 
 
 def _flatten(node: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -48,10 +60,20 @@ def stage_names(config: ml_collections.ConfigDict) -> list[str]:
 def stage_config(config: ml_collections.ConfigDict, name: str, previous: str | None) -> ml_collections.ConfigDict:
     """The config of one stage: the base config with the stage's overrides, and, after the first
     stage, init_from and the tokenizer of the previous stage (unless the stage sets them)."""
-    stage = copy.deepcopy(config)
     overrides = _flatten(config.stages[name])
-    with stage.unlocked():
-        del stage["stages"]
+    spec = overrides.pop("config", None)
+    if spec:  # a stage of another family (e.g. a CLIP encoder for a captioner): its own config
+        stage = config_lib.load(str(spec))
+        # Stages share the data, the tokenizer, the mesh and the seed: those come from the base config.
+        for key in SHARED_KEYS:
+            section, _, name = key.rpartition(".")
+            base = config.get(section) if section else config
+            if base is not None and name in base:
+                config_lib.apply_overrides(stage, {key: copy.deepcopy(base[name])})
+    else:
+        stage = copy.deepcopy(config)
+        with stage.unlocked():
+            del stage["stages"]
     config_lib.apply_overrides(stage, overrides)
     if previous is not None:
         if "train.init_from" not in overrides:

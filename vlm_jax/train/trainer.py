@@ -148,6 +148,18 @@ def checkpoint_view(trainable: Any, state: dict) -> dict:
     return {**state, "params": lora.subset(state["params"], trainable(state["params"]))}
 
 
+def init_from_map(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """config.train.init_from_map 'ours:theirs,...' -> {ours: theirs} (top-level param names)."""
+    spec = str(config.train.get("init_from_map", "") or "")
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        ours, sep, theirs = item.partition(":")
+        if not sep or not ours or not theirs:
+            raise ValueError(f"train.init_from_map item {item!r}: write 'ours:theirs'")
+        out[ours] = theirs
+    return out
+
+
 def initial_params(config: ml_collections.ConfigDict, params: Any, abstract_params: Any) -> Any:
     """Fresh params, with those that config.train.init_from has (another run's latest checkpoint
     or a converted model) loaded over them. LoRA adapters, which a base model lacks, stay fresh."""
@@ -156,6 +168,14 @@ def initial_params(config: ml_collections.ConfigDict, params: Any, abstract_para
         return params
     from vlm_jax.train.checkpoint import restore_params
 
+    mapping = init_from_map(config)
+    if mapping:
+        missing = [ours for ours in mapping if ours not in abstract_params]
+        if missing:
+            raise ValueError(f"train.init_from_map names params the model lacks: {missing}")
+        loaded = restore_params(source, {theirs: abstract_params[ours] for ours, theirs in mapping.items()})
+        log.info("initialised %s from %s", ", ".join(f"{o} <- {t}" for o, t in mapping.items()), source)
+        return {**params, **{ours: loaded[theirs] for ours, theirs in mapping.items()}}
     base = lambda tree: lora.subset(tree, jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: not lora.is_adapter(path), tree))
     loaded = restore_params(source, base(abstract_params))
