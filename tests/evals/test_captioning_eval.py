@@ -29,6 +29,7 @@ def setup(world_cache):
             "model.hidden": 16,
             "model.encoder.channels": (8, 8, 8, 8),
             "model.encoder.output_dim": 16,
+            "model.image_norm": "none",  # no batch_stats: the evaluator gets params alone
         },
     )
     with config.unlocked():
