@@ -66,10 +66,10 @@ def stage_config(config: ml_collections.ConfigDict, name: str, previous: str | N
         stage = config_lib.load(str(spec))
         # Stages share the data, the tokenizer, the mesh and the seed: those come from the base config.
         for key in SHARED_KEYS:
-            section, _, name = key.rpartition(".")
+            section, _, leaf = key.rpartition(".")
             base = config.get(section) if section else config
-            if base is not None and name in base:
-                config_lib.apply_overrides(stage, {key: copy.deepcopy(base[name])})
+            if base is not None and leaf in base:
+                config_lib.apply_overrides(stage, {key: copy.deepcopy(base[leaf])})
     else:
         stage = copy.deepcopy(config)
         with stage.unlocked():
