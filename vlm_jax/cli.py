@@ -154,14 +154,16 @@ def cmd_sample(args, overrides) -> int:
     if args.image:
         from vlm_jax.sampling import caption
 
-        png = args.attention_png
-        if png is None:
+        from vlm_jax import models
+        from vlm_jax.sampling import attention
+
+        png = args.attention_png  # asked for: an error if the model has no attention over the image
+        if png is None and attention.has_image_attention(models.build(config)):
             stem = os.path.splitext(os.path.basename(args.image))[0]
             png = os.path.join(args.workdir, f"attention_{stem}.png")
         caption.caption_image(
             args.workdir, args.image, config=config, method=args.method, beam_size=args.beam_size,
-            max_new_tokens=args.max_new_tokens, step=args.step, out=sys.stdout,
-            attention_png=png if png and sample_has_attention(config) else None,
+            max_new_tokens=args.max_new_tokens, step=args.step, out=sys.stdout, attention_png=png or None,
         )
         return 0
     if args.prompt is None:
@@ -180,11 +182,6 @@ def cmd_sample(args, overrides) -> int:
         seed=args.seed, step=args.step, out=sys.stdout,
     )
     return 0
-
-
-def sample_has_attention(config) -> bool:
-    """Whether the run's model attends over the image (so `sample --image` can draw its maps)."""
-    return str(config.model.get("name", "")) in ("show_attend_tell", "coca")
 
 
 def cmd_data(args, overrides) -> int:

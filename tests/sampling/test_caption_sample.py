@@ -91,3 +91,11 @@ def test_sample_image_restores_batch_norm_statistics(world_cache, tmp_path, scen
     with pytest.raises(ValueError, match="no attention over the image"):
         caption.caption_image(str(workdir), str(scene), max_new_tokens=2, attention_png=str(tmp_path / "x.png"),
                               out=None)
+    # The CLI writes no figure by default for a model without attention, and refuses one asked for.
+    from vlm_jax import cli
+
+    assert cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--max-new-tokens", "2"]) == 0
+    assert not list(workdir.glob("attention_*.png"))
+    with pytest.raises(ValueError, match="no attention over the image"):
+        cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--attention-png",
+                  str(tmp_path / "y.png")])
