@@ -83,7 +83,15 @@ def test_small_cnn_flatten_head_keeps_the_grid():
     params = nn.unbox(jax.jit(flat.init)(_key(0), x))["params"]
     # 16x16 input, two 2x downsamplings: a 4x4 grid of 16 channels feeds the projection.
     assert params["proj"]["kernel"].shape == (4 * 4 * 16, 10)
-    assert _apply(flat, {"params": params}, x).shape == (2, 10)
+    pooled = _apply(flat, {"params": params}, x)
+    assert pooled.shape == (2, 10)
+    # encode's grid is the last stage before its pool (8x8x16 here): pooling it and projecting
+    # gives the pooled output, so the grid is what the head reads, not a side branch.
+    out = _apply(flat, {"params": params}, x, method="encode")
+    assert out["grid"].shape == (2, 8, 8, 16) and (np.asarray(out["grid"]) >= 0).all()
+    np.testing.assert_array_equal(out["pooled"], pooled)
+    again = resnet._max_pool_2x2(out["grid"]).reshape(2, -1) @ params["proj"]["kernel"] + params["proj"]["bias"]
+    np.testing.assert_allclose(again, pooled, atol=1e-5)
     bad = resnet.SmallCNN(channels=(8,), output_dim=10, pool="max")
     with np.testing.assert_raises_regex(ValueError, "choose mean or flatten"):
         jax.jit(bad.init)(_key(0), x)

@@ -235,17 +235,27 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class SmallCNN(nn.Module):
-    """images [B, H, W, C] -> [B, output_dim] (f32): conv stages, mean pool, projection."""
+    """images [B, H, W, C] -> [B, output_dim] (f32): conv stages, mean pool, projection.
+
+    `encode` also returns the last conv stage's feature map before its pool (where VGG-16's
+    conv5_3 sits for Show, Attend and Tell): the annotation grid of a captioner that attends.
+    """
 
     channels: tuple[int, ...] = (32, 64, 128, 128)
     output_dim: int = 128
     norm: str = "layer"
     pool: str = "mean"  # mean: global average; flatten: keep the final grid (where things are)
+    grid_stage: int = -1  # the stage whose map (before its pool) `encode` returns as the grid
     dtype: Any = jnp.float32
 
-    @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """images [B, H, W, C] (H, W divisible by 2**len(channels)) -> [B, output_dim]."""
+        return self.encode(images, train)["pooled"]
+
+    @nn.compact
+    def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """images [B, H, W, C] -> {"pooled": f32 [B, output_dim], "grid": [B, H/2**(n-1), W/2**(n-1),
+        channels[-1]] (the last stage after its conv, norm and relu, before its pool)}."""
         del train  # No batch-dependent layers.
         if self.norm not in NORMS:
             raise ValueError(f"SmallCNN norm {self.norm!r}: choose one of {NORMS}")
@@ -256,12 +266,15 @@ class SmallCNN(nn.Module):
                 f"got {images.shape[1]}x{images.shape[2]}"
             )
         x = images.astype(self.dtype)
+        grid = x
         for i, features in enumerate(self.channels):
             conv = _conv(features, 3, use_bias=self.norm == "none", dtype=self.dtype, name=f"conv{i}",
                          matmul_wgrad=True)
             x = conv(x)
             if self.norm == "layer":
                 x = LayerNorm(1e-5, self.dtype, axis_name="conv_out", name=f"norm{i}")(x)
+            if i == self.grid_stage % len(self.channels):
+                grid = nn.relu(x)
             x = nn.relu(_max_pool_2x2(x))  # = max_pool(relu(x)), a quarter of the relu work
         if self.pool == "flatten":
             x = x.reshape(x.shape[0], -1)
@@ -269,9 +282,8 @@ class SmallCNN(nn.Module):
             x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         else:
             raise ValueError(f"SmallCNN pool {self.pool!r}: choose mean or flatten")
-        return dense(self.output_dim, ("conv_out", "embed"), dtype=self.dtype, name="proj")(
-            x
-        ).astype(jnp.float32)
+        pooled = dense(self.output_dim, ("conv_out", "embed"), dtype=self.dtype, name="proj")(x)
+        return {"pooled": pooled.astype(jnp.float32), "grid": grid}
 
 
 def from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
@@ -295,6 +307,7 @@ def from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
             output_dim=get("output_dim", channels[-1]),
             norm=get("norm", "layer"),
             pool=get("pool", "mean"),
+            grid_stage=get("grid_stage", -1),
             dtype=dtype,
         )
     raise ValueError(f"resnet.from_config: kind {kind!r} is neither 'resnet' nor 'cnn'")

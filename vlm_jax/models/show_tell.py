@@ -103,7 +103,11 @@ def encode_images(encoder: nn.Module, kind: str, images: jax.Array, train: bool)
         hidden = out["hidden"].astype(jnp.float32)
         grid = hidden[:, 1:] if encoder.class_token else hidden
         return out["pre_logits"].astype(jnp.float32), grid
-    if kind in ("cnn", "resnet"):
+    if kind == "cnn":  # the last stage before its pool, as VGG-16's conv5_3 in Show, Attend and Tell
+        out = encoder.encode(images, train=train)
+        grid = out["grid"].astype(jnp.float32)
+        return out["pooled"], grid.reshape(grid.shape[0], -1, grid.shape[-1])
+    if kind == "resnet":
         return encoder(images, train=train).astype(jnp.float32), None
     raise ValueError(f"image encoder kind {kind!r}: choose one of {ENCODERS}")
 
