@@ -296,3 +296,14 @@ def test_load_for_sampling_fills_in_frozen_params(world_cache, tmp_path):
     assert jax.tree.structure(params) == jax.tree.structure(full)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_for_sampling_points_a_run_of_stages_at_its_stages(tmp_path):
+    from vlm_jax.sampling import sample
+
+    for stage in ("encoder", "caption"):
+        (tmp_path / stage / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"a run of stages\? pass one of them: .*caption, .*encoder"):
+        sample.load_for_sampling(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in \S+$"):
+        sample.load_for_sampling(str(tmp_path / "encoder"))

@@ -118,7 +118,11 @@ def load_for_sampling(
     finally:
         checkpointer.close()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        staged = sorted(d for d in (os.listdir(workdir) if os.path.isdir(workdir) else ())
+                        if os.path.isdir(os.path.join(workdir, d, "checkpoints")))
+        paths = ", ".join(os.path.join(workdir, d) for d in staged)
+        hint = f" (a run of stages? pass one of them: {paths})" if staged else ""
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}{hint}")
     if config is None:
         config = _saved_config(workdir, step)
     model = models.build(config)
