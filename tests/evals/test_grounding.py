@@ -77,7 +77,8 @@ def sat(world_cache):
             "data.tfds_data_dir": str(world_cache / "tfds"),
             "tokenizer.path": str(world_cache / "tokenizer.model"),
             "model.embed_dim": 16, "model.hidden": 16, "model.attn_dim": 16,
-            "model.encoder.stages": ((1, 8), (1, 8), (1, 16)),
+            # A SmallCNN whose third stage, before its pool, is the 8x8 annotation grid.
+            "model.encoder.channels": (8, 8, 16, 16), "model.encoder.output_dim": 16,
         },
     )
     with config.unlocked():
@@ -115,6 +116,13 @@ def test_attention_maps_of_sat_and_coca_are_distributions_over_the_grid(sat):
     np.testing.assert_allclose(maps.sum(axis=(2, 3)), 1.0, atol=1e-5)
     # Each query's map differs with the tokens it follows (not one map for the caption).
     assert np.abs(maps[0, 1] - maps[0, 3]).max() > 1e-6
+    # Scanned layers (q/k captured with a leading layers axis) give the same maps.
+    from vlm_jax.layers.transformer import stack_layers
+
+    with coca_cfg.unlocked():
+        coca_cfg.model.scan_layers = True
+    scanned = models.build(coca_cfg)
+    np.testing.assert_allclose(maps_of(scanned, stack_layers(coca_params)), maps, atol=1e-6)
     with pytest.raises(ValueError, match="no attention over the image"):
         attention.image_attention(object(), None, images, tokens)
 

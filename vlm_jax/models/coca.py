@@ -268,7 +268,8 @@ class TextStack(nn.Module):
         if self.scan_layers:
             stack = nn.scan(
                 block,
-                variable_axes={"params": 0, "cache": 0},
+                # intermediates: what capture_intermediates records per layer (attention maps).
+                variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=self.depth,
