@@ -59,11 +59,19 @@ def sat():
     return _build(show_attend_tell)
 
 
+@pytest.fixture(scope="module")
+def sat_cnn():
+    """Show, Attend and Tell over a SmallCNN's last stage before its pool (8x8 -> 4x4x8), h0/c0
+    from the tower's image vector."""
+    cnn = ml_collections.ConfigDict(dict(kind="cnn", channels=(4, 8), norm="layer", pool="flatten", output_dim=8))
+    return _build(show_attend_tell, encoder=cnn, init_from="pooled")
+
+
 def _logits(out):
     return out["logits"] if isinstance(out, dict) else out
 
 
-@pytest.mark.parametrize("which", ["st", "st_inject", "sat"])
+@pytest.mark.parametrize("which", ["st", "st_inject", "sat", "sat_cnn"])
 def test_shapes_and_teacher_forcing_alignment(which, request):
     model, variables = request.getfixturevalue(which)
     images, tokens = _images(3), _tokens(3)
@@ -77,11 +85,29 @@ def test_shapes_and_teacher_forcing_alignment(which, request):
     # logits[:, t] sees tokens[:, :t + 1] only: changing token 4 leaves positions 0..3 as they were.
     np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-5)
     assert np.abs(a[:, 4:] - b[:, 4:]).max() > 1e-4
-    if which == "sat":
+    if which.startswith("sat"):
         alphas = np.asarray(both["alphas"])
         assert alphas.shape == (6, L, 16)  # 4x4 grid
         np.testing.assert_allclose(alphas.sum(-1), 1.0, atol=1e-5)
         assert (alphas >= 0).all()
+
+
+def test_sat_state_init_reads_the_mean_annotation_or_the_image_vector(sat, sat_cnn):
+    images = _images(2)
+    # A VGG grid's image vector is its mean annotation: the two choices are one model.
+    model, variables = sat
+    pooled = show_attend_tell.from_config(_cfg("show_attend_tell", init_from="pooled"))
+    a, b = (m.apply(variables, images, method="init_state")["h"] for m in (model, pooled))
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # A SmallCNN's image vector is its projection head: h0 = tanh(f_init_h(that vector)).
+    model, variables = sat_cnn
+    vec = model.encoder.apply({"params": variables["params"]["encoder"]}, images)
+    p = variables["params"]["init_h"]
+    np.testing.assert_allclose(model.apply(variables, images, method="init_state")["h"],
+                               np.tanh(vec @ p["kernel"] + p["bias"]), atol=1e-5)
+    with pytest.raises(ValueError, match="init_from 'max'"):
+        show_attend_tell.from_config(_cfg("show_attend_tell", init_from="max")).init(
+            jax.random.key(0), images, _tokens(2))
 
 
 def _task_config(**kw):
@@ -202,14 +228,14 @@ def test_sat_decoder_keeps_attention_and_beam_search_runs(sat):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["show_tell", "show_attend_tell"])
-def test_tiny_config_trains(name, world_cache, tmp_path):
+@pytest.mark.parametrize("spec", ["show_tell.py:tiny", "show_attend_tell.py:tiny", "show_attend_tell.py:tiny_scratch"])
+def test_tiny_config_trains(spec, world_cache, tmp_path):
     from vlm_jax import config as config_lib
     from vlm_jax.train.metrics import read_metrics
     from vlm_jax.train.trainer import train
 
     config = config_lib.load(
-        f"configs/{name}.py:tiny",
+        f"configs/{spec}",
         {
             "data.tfds_data_dir": str(world_cache / "tfds"),
             "data.batch_size": 32,
@@ -225,10 +251,12 @@ def test_tiny_config_trains(name, world_cache, tmp_path):
     )
     with config.unlocked():
         config.data.world_num_examples.update(dict(train=512, validation=64, test=64))
-    train(config, str(tmp_path / name))
+    # The base config alone (a staged config's caption stage, on a frozen random encoder here).
+    workdir = tmp_path / spec.replace(".py:", "_")
+    train(config, str(workdir))
     # The caption NLL falls (SAT's loss also holds the attention penalty, which cannot reach 0 with
     # more locations than words).
-    losses = [r["train/nll"] for r in read_metrics(tmp_path / name) if "train/nll" in r]
+    losses = [r["train/nll"] for r in read_metrics(workdir) if "train/nll" in r]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
 
 

@@ -50,7 +50,8 @@ def test_sample_image_prints_caption_and_writes_attention_png(world_cache, tmp_p
     workdir = tmp_path / "sat"
     # Hard attention: its REINFORCE baseline is model state, which sampling restores too.
     _train("show_attend_tell", world_cache, workdir, **{"model.attn_dim": 16, "model.attention": "hard",
-                                                          "model.encoder.stages": ((1, 8), (1, 8), (1, 16))})
+                                                          "model.encoder.channels": (8, 8, 16, 16),
+                                                          "model.encoder.output_dim": 16})
     assert cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--method", "greedy",
                      "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.splitlines()

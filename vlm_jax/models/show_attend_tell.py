@@ -15,6 +15,14 @@ logits[:, t] predict tokens[:, t + 1]. `__call__` returns a dict:
     attention_entropy f32 [B, T].
 The doubly stochastic penalty and the REINFORCE terms live in tasks/caption.py.
 
+init_from "pooled" (not the paper's) feeds f_init_h/f_init_c the encoder's own image vector
+instead of the mean annotation: for a VGG grid the two are the same; for a SmallCNN or ViT tower
+pretrained contrastively it is the vector the tower was trained to make (CLIP's image embedding),
+so the captioner starts from what Show and Tell reads and attends for the rest.
+
+Encoders (show_tell.encode_images): "vgg" (its last conv stage, as conv5_3), "cnn" (a SmallCNN
+stage before its pool, `grid_stage`) or "vit" (the patch tokens); "resnet" has no grid.
+
 Hard attention: with train=True a location is sampled per step (Gumbel-max on log alpha, noise
 from the "attention" rng if given, else "dropout"); with train=False the argmax location is used.
 The task's REINFORCE baseline is kept in the "reinforce" collection (model_state), made at init.
@@ -44,6 +52,7 @@ from vlm_jax.layers.lstm import LSTMCell
 from vlm_jax.models.show_tell import build_encoder, encode_images, variables_of
 
 ATTENTION = ("soft", "hard")
+INIT_FROM = ("mean", "pooled")
 
 
 class _AttendStep(nn.Module):
@@ -95,10 +104,13 @@ class ShowAttendTell(nn.Module):
     attn_dim: int = 512
     attention: str = "soft"
     selector: bool = True
+    init_from: str = "mean"  # h0/c0 from: mean (of the annotations, the paper) | pooled (the encoder's image vector)
     dropout: float = 0.0
     dtype: Any = jnp.float32
 
     def setup(self) -> None:
+        if self.init_from not in INIT_FROM:
+            raise ValueError(f"init_from {self.init_from!r}: choose one of {INIT_FROM}")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention {self.attention!r}: choose one of {ATTENTION}")
         self.embed = token_embedding(self.vocab_size, self.embed_dim, dtype=self.dtype)
@@ -117,15 +129,15 @@ class ShowAttendTell(nn.Module):
 
     def init_state(self, images: jax.Array, train: bool = False) -> dict:
         """images -> {"c", "h"} f32 [B, hidden], "feats" f32 [B, L, D], "proj" f32 [B, L, attn_dim]."""
-        _, feats = encode_images(self.encoder, self.encoder_kind, images, train)
+        pooled, feats = encode_images(self.encoder, self.encoder_kind, images, train)
         if feats is None:
-            raise ValueError(f"encoder kind {self.encoder_kind!r} gives no feature grid; use vgg or vit")
+            raise ValueError(f"encoder kind {self.encoder_kind!r} gives no feature grid; use vgg, cnn or vit")
         if self.freeze_encoder:
-            feats = jax.lax.stop_gradient(feats)
-        mean = feats.mean(axis=1)
+            feats, pooled = jax.lax.stop_gradient((feats, pooled))
+        summary = feats.mean(axis=1) if self.init_from == "mean" else pooled
         return {
-            "c": jnp.tanh(self.init_c(mean).astype(jnp.float32)),
-            "h": jnp.tanh(self.init_h(mean).astype(jnp.float32)),
+            "c": jnp.tanh(self.init_c(summary).astype(jnp.float32)),
+            "h": jnp.tanh(self.init_h(summary).astype(jnp.float32)),
             "feats": feats,
             "proj": self.att_proj(feats).astype(jnp.float32),
         }
@@ -219,6 +231,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> ShowAttendTell:
         attn_dim=cfg.attn_dim,
         attention=cfg.get("attention", "soft"),
         selector=cfg.get("selector", True),
+        init_from=cfg.get("init_from", "mean"),
         dropout=cfg.get("dropout", 0.0),
         dtype=jnp.dtype(dtype),
     )
