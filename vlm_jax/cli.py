@@ -5,7 +5,8 @@
     vlm-jax data preview --config configs/clip.py:tiny --out preview.png
     vlm-jax convert --from-hf path/to/hf_dir --out converted/
     vlm-jax sample --workdir runs/alpaca/instruct --prompt "what is 3 plus 4?"
-    vlm-jax sample --workdir runs/sat --image scene.png    (caption + per-word attention PNG)
+    vlm-jax sample --workdir runs/sat --image scene.png    (caption + per-word attention PNG; a run
+                                                           of stages stands for its last stage)
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def _load_config(spec: str | None, workdir: str | None, overrides: list[str]):
         config_lib.apply_overrides(config, overrides)
         return config
     raise config_lib.ConfigError("--config is required (no config.json in the workdir)")
+
+
+def _run_dir(args, overrides: list[str]):
+    """(workdir, config) for eval and sample: a run of stages stands for its last stage."""
+    from vlm_jax.train import stages
+
+    config = config_lib.load(args.config, overrides) if args.config else None
+    if not os.path.exists(os.path.join(args.workdir, "config.json")):
+        stage = stages.last_stage_dir(args.workdir, config)
+        if stage:
+            print(f"vlm-jax: {args.workdir} is a run of stages; using its last stage, {stage}", file=sys.stderr)
+            return stage, _load_config(None, stage, overrides)
+    return args.workdir, config if config is not None else _load_config(None, args.workdir, overrides)
 
 
 def _print_summary(summary: dict) -> None:
@@ -140,8 +154,8 @@ def _train(config, args, main: bool = True) -> int:
 def cmd_eval(args, overrides) -> int:
     from vlm_jax.train.evaluate import evaluate
 
-    config = _load_config(args.config, args.workdir, overrides)
-    summary = evaluate(config, args.workdir, step=args.step)
+    workdir, config = _run_dir(args, overrides)
+    summary = evaluate(config, workdir, step=args.step)
     _print_summary(summary)
     return 0
 
@@ -150,7 +164,7 @@ def cmd_sample(args, overrides) -> int:
     from vlm_jax.data import text
     from vlm_jax.sampling import sample
 
-    config = _load_config(args.config, args.workdir, overrides)
+    workdir, config = _run_dir(args, overrides)
     if args.image:
         from vlm_jax.sampling import caption
 
@@ -160,9 +174,9 @@ def cmd_sample(args, overrides) -> int:
         png = args.attention_png  # asked for: an error if the model has no attention over the image
         if png is None and attention.has_image_attention(models.build(config)):
             stem = os.path.splitext(os.path.basename(args.image))[0]
-            png = os.path.join(args.workdir, f"attention_{stem}.png")
+            png = os.path.join(workdir, f"attention_{stem}.png")
         caption.caption_image(
-            args.workdir, args.image, config=config, method=args.method, beam_size=args.beam_size,
+            workdir, args.image, config=config, method=args.method, beam_size=args.beam_size,
             max_new_tokens=args.max_new_tokens, step=args.step, out=sys.stdout, attention_png=png or None,
         )
         return 0
@@ -177,7 +191,7 @@ def cmd_sample(args, overrides) -> int:
     elif args.input:
         raise config_lib.ConfigError("--input needs --template alpaca")
     sample.run_sample(
-        args.workdir, prompt, config=config, max_new_tokens=args.max_new_tokens or 64, method=args.method or "greedy",
+        workdir, prompt, config=config, max_new_tokens=args.max_new_tokens or 64, method=args.method or "greedy",
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size or 4,
         seed=args.seed, step=args.step, out=sys.stdout,
     )

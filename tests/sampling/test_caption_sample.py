@@ -47,12 +47,16 @@ def test_sample_image_prints_caption_and_writes_attention_png(world_cache, tmp_p
     from vlm_jax.data.tokenizer import Tokenizer
     from vlm_jax.sampling import caption, sample
 
-    workdir = tmp_path / "sat"
+    # The caption stage of a run of stages (the encoder stage is not needed here).
+    run = tmp_path / "sat"
+    workdir = run / "caption"
     # Hard attention: its REINFORCE baseline is model state, which sampling restores too.
     _train("show_attend_tell", world_cache, workdir, **{"model.attn_dim": 16, "model.attention": "hard",
                                                           "model.encoder.channels": (8, 8, 16, 16),
                                                           "model.encoder.output_dim": 16})
-    assert cli.main(["sample", "--workdir", str(workdir), "--image", str(scene), "--method", "greedy",
+    (run / "stages.json").write_text('{"order": ["encoder", "caption"]}')
+    # The run's folder stands for its last stage.
+    assert cli.main(["sample", "--workdir", str(run), "--image", str(scene), "--method", "greedy",
                      "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.splitlines()
     # The default figure path is in the workdir, named after the image.

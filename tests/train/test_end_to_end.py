@@ -166,7 +166,8 @@ def test_alpaca_stages_pretrain_then_instruct_then_sample(tmp_path, capsys):
     saved = config_lib.from_json((tmp_path / "run" / "instruct" / "config.json").read_text())
     assert saved.train.init_from == str(tmp_path / "run" / "pretrain")
     assert saved.data.source == "world_instruct" and "stages" not in saved
-    assert main(["sample", "--workdir", str(tmp_path / "run" / "instruct"), "--prompt", "what is 2 plus 3?",
+    # The run's folder stands for its last stage (stages.json holds the order).
+    assert main(["sample", "--workdir", str(tmp_path / "run"), "--prompt", "what is 2 plus 3?",
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() != ""
     # An unknown key in a stage is an error naming the nearest key, as on the command line.
@@ -205,6 +206,7 @@ def test_show_tell_stages_pretrain_the_encoder_then_caption_on_it(world_cache, t
     assert stages.stage_config(config, "encoder", None).data.world_num_examples.train == 64
     stages.train_stages(config, str(run))
     assert len(_losses(run / "encoder")) == 2 and len(_losses(run / "caption")) == 2
+    assert stages.last_stage_dir(str(run)) == str(run / "caption")
     _, _, clip_params, _ = sample.load_for_sampling(str(run / "encoder"))
     _, _, st_vars, _ = sample.load_for_sampling(str(run / "caption"))
     st_params = st_vars["params"] if "params" in st_vars else st_vars

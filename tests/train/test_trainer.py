@@ -109,14 +109,15 @@ def test_sigterm_saves_and_exits_zero(tiny_clip_config, tmp_path):
     assert step is not None and step >= 3
 
 
-def test_stage_with_its_own_config_shares_data_and_maps_params():
-    """A stage naming another config (Show and Tell's CLIP encoder stage) takes that config's model
+@pytest.mark.parametrize("name", ["show_tell", "show_attend_tell"])
+def test_stage_with_its_own_config_shares_data_and_maps_params(name, tmp_path):
+    """A stage naming another config (the captioners' CLIP encoder stage) takes that config's model
     and task, the base config's data/tokenizer/mesh/seed, and the next stage maps params by name."""
     from vlm_jax import config as config_lib
     from vlm_jax.train import stages
     from vlm_jax.train.trainer import init_from_map
 
-    config = config_lib.load("configs/show_tell.py:tiny", {"data.tfds_data_dir": "/somewhere", "seed": 7})
+    config = config_lib.load(f"configs/{name}.py:tiny", {"data.tfds_data_dir": "/somewhere", "seed": 7})
     enc = stages.stage_config(config, "encoder", None)
     assert (enc.model.name, enc.task.name, enc.train.steps) == ("clip", "contrastive", 600)
     assert enc.data.tfds_data_dir == "/somewhere" and enc.seed == 7 and "stages" not in enc
@@ -124,8 +125,18 @@ def test_stage_with_its_own_config_shares_data_and_maps_params():
     assert tuple(enc.model.image.channels) == tuple(config.model.encoder.channels)
     assert enc.model.embed_dim == config.model.encoder.output_dim
     cap = stages.stage_config(config, "caption", "/runs/x/encoder")
-    assert cap.model.name == "show_tell" and cap.train.init_from == "/runs/x/encoder"
+    assert cap.model.name == name and cap.train.init_from == "/runs/x/encoder"
     assert init_from_map(cap) == {"encoder": "image"}
+    # The last stage that has started stands for the run (order from the config or stages.json).
+    assert stages.last_stage_dir(str(tmp_path), config) is None
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text("{}")
+    assert stages.last_stage_dir(str(tmp_path), config) == str(tmp_path / "encoder")
+    assert stages.last_stage_dir(str(tmp_path)) is None  # no config, no stages.json
+    (tmp_path / "caption").mkdir()
+    (tmp_path / "caption" / "config.json").write_text("{}")
+    (tmp_path / "stages.json").write_text('{"order": ["encoder", "caption"]}')
+    assert stages.last_stage_dir(str(tmp_path)) == str(tmp_path / "caption")
     with config.unlocked():
         config.train.init_from_map = "encoder"
     with pytest.raises(ValueError, match="ours:theirs"):

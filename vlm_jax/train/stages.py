@@ -12,12 +12,14 @@ A stage with `config="configs/clip.py:tiny"` starts from that config instead (a 
 family, e.g. a captioner's encoder pretrained contrastively; the next stage then picks the params
 it wants with train.init_from_map); it still takes the base config's data, tokenizer, mesh and
 seed (SHARED_KEYS), so command-line overrides of those reach every stage.
-Re-running the command resumes: finished stages are not trained again.
+Re-running the command resumes: finished stages are not trained again. The run's folder holds
+stages.json (the order), so `vlm-jax eval|sample --workdir <run>` find its last stage.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any
 
@@ -83,11 +85,30 @@ def stage_config(config: ml_collections.ConfigDict, name: str, previous: str | N
     return stage
 
 
+STAGES_FILE = "stages.json"
+
+
+def last_stage_dir(workdir: str, config: ml_collections.ConfigDict | None = None) -> str | None:
+    """The folder of the last stage that has started (holds its config.json) in a run of stages:
+    the order from `config` when it has stages, else from the run's stages.json; None when
+    workdir is not a run of stages."""
+    order = stage_names(config) if config is not None else []
+    path = os.path.join(workdir, STAGES_FILE)
+    if not order and os.path.exists(path):
+        with open(path) as f:
+            order = list(json.load(f)["order"])
+    started = [name for name in order if os.path.exists(os.path.join(workdir, name, "config.json"))]
+    return os.path.join(workdir, started[-1]) if started else None
+
+
 def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs: Any) -> list[tuple[str, dict]]:
     """Trains every stage in order; returns [(stage name, trainer summary)]."""
     from vlm_jax.train.trainer import train
 
     workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, STAGES_FILE), "w") as f:
+        json.dump({"order": stage_names(config)}, f)
     summaries, previous = [], None
     for name in stage_names(config):
         stage_dir = os.path.join(workdir, name)
