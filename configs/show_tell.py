@@ -22,7 +22,7 @@ import os
 
 import ml_collections
 
-from vlm_jax.config_defaults import base_config, default_mesh_and_rules
+from vlm_jax.config_defaults import base_config, default_mesh_and_rules, encoder_then_caption_stages
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -61,13 +61,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.train.ckpt_every = 250
         if arg == "tiny":
             clip = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip.py")
-            config.stages = ml_collections.ConfigDict(
-                dict(
-                    order=("encoder", "caption"),
-                    encoder=dict(config=f"{clip}:tiny", train=dict(steps=600, eval_every=600, ckpt_every=600)),
-                    caption=dict(train=dict(init_from_map="encoder:image")),
-                )
-            )
+            config.stages = encoder_then_caption_stages(f"{clip}:tiny", steps=600)
     elif arg == "published":
         config.model = ml_collections.ConfigDict(
             dict(

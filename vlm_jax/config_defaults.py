@@ -29,6 +29,19 @@ def default_mesh_and_rules():
     return mesh, [list(r) for r in DEFAULT_RULES]
 
 
+def encoder_then_caption_stages(encoder_spec: str, steps: int = 600) -> ml_collections.ConfigDict:
+    """config.stages of a captioner that reads a pretrained image tower: stage "encoder" runs the
+    config `encoder_spec` (e.g. "<configs>/clip.py:tiny") for `steps`; stage "caption" (the base
+    config) loads that run's image tower as its `encoder` (train.init_from_map "encoder:image")."""
+    return ml_collections.ConfigDict(
+        dict(
+            order=("encoder", "caption"),
+            encoder=dict(config=encoder_spec, train=dict(steps=steps, eval_every=steps, ckpt_every=steps)),
+            caption=dict(train=dict(init_from_map="encoder:image")),
+        )
+    )
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults that a family config then fills in (model, task, evals)."""
     config = ml_collections.ConfigDict()
