@@ -41,6 +41,8 @@ class Case:
     segments: str | None = None  # None, "shared" (same ids for q and kv), "cross" (own kv ids)
     sm_scale: float | None = None
     batch: int = 1
+    block_h: int | None = None  # query heads per forward/dq program (None: the kernel's choice)
+    whole_rows: bool = False  # the kernel's own short-sequence tiles instead of 16x16 ones
 
 
 CASES = [
@@ -54,6 +56,15 @@ CASES = [
     # Non-causal cross attention with own kv ids, some queries of a segment absent from kv (rows that
     # attend to nothing: the reference gives them the mean of v), head_dim 80 padded to 128.
     Case("cross_kvseg_dead_rows_d80_f16", 37, 50, 2, 2, 80, jnp.float16, segments="cross"),
+    # One head per program (the long-sequence layout), and head blocks smaller than, equal to and
+    # larger than the kv groups. Above, the kernel picks 2 or 4 heads per program for these lengths.
+    Case("one_head_causal_gqa2_odd37_bf16", 37, 37, 4, 2, 64, jnp.bfloat16, causal=True, block_h=1),
+    Case("one_head_segments_f32", 32, 32, 2, 2, 32, jnp.float32, segments="shared", block_h=1),
+    Case("heads2_of_gqa4_causal_f32", 40, 40, 8, 2, 64, jnp.float32, causal=True, block_h=2),
+    Case("heads2_eq_gqa2_segments_bf16", 33, 33, 4, 2, 64, jnp.bfloat16, segments="shared", block_h=2),
+    # The short-sequence tiles themselves: whole rows (ViT-like 70 tokens, CLIP-text-like causal 77).
+    Case("whole_rows_vit_like_bf16", 70, 70, 4, 4, 64, jnp.bfloat16, batch=2, whole_rows=True),
+    Case("whole_rows_text_causal_gqa2_f32", 77, 77, 4, 2, 32, jnp.float32, causal=True, whole_rows=True),
 ]
 
 
@@ -118,10 +129,14 @@ def test_pallas_gpu_matches_reference(case: Case):
     q, k, v, cot, seg, kv_seg = _inputs(case, seed=zlib.crc32(case.name.encode()))
     assert pallas_gpu.unsupported_reason(q, k, v, causal=case.causal, segment_ids=seg, kv_segment_ids=kv_seg) is None
 
+    tiles = {} if case.whole_rows else dict(TILES)
+    if case.block_h is not None:
+        tiles["block_h"] = case.block_h
+
     def kernel(q, k, v):
         return pallas_gpu.mha(
             q, k, v, causal=case.causal, segment_ids=seg, kv_segment_ids=kv_seg, sm_scale=case.sm_scale,
-            interpret=True, poison_outputs=True, **TILES,
+            interpret=True, poison_outputs=True, **tiles,
         )
 
     def ref(q, k, v):
@@ -137,6 +152,20 @@ def test_pallas_gpu_matches_reference(case: Case):
     _assert_close("out", out, ref_out, tol)
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
         _assert_close(name, g, rg, 2 * tol)
+
+
+def test_short_sequences_get_whole_row_tiles_and_head_blocks():
+    vit = pallas_gpu.short_tiles(64, jnp.bfloat16, 197, 197, heads=12, groups=1)
+    assert (vit.block_q, vit.block_k, vit.block_h) == (64, 256, 4)  # one step over every key
+    assert (vit.block_q_dkv, vit.block_k_dkv) == (256, 64)  # dk/dv: every query in one step
+    text = pallas_gpu.short_tiles(64, jnp.float32, 77, 77, heads=8, groups=8)
+    assert (text.block_q, text.block_k, text.block_h) == (32, 128, 4)
+    assert pallas_gpu.short_tiles(64, jnp.bfloat16, 300, 300, heads=12, groups=1) is None
+    assert pallas_gpu.short_tiles(64, jnp.bfloat16, 64, 64, heads=6, groups=3).block_h == 1  # 2 fits neither
+    q = jnp.zeros((1, 16, 6, 64), jnp.float32)
+    kv = jnp.zeros((1, 16, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="block_h 2 must divide"):  # 3 query heads per kv head
+        pallas_gpu.mha(q, kv, kv, block_h=2, interpret=True)
 
 
 def test_poisoned_outputs_expose_unwritten_blocks():
@@ -288,6 +317,10 @@ LOWERING_CASES = [
     (1000, 1000, 8, 2, 64, jnp.float16, False, True),
     (100, 300, 4, 1, 80, jnp.float32, True, False),
     (256, 256, 2, 2, 256, jnp.bfloat16, True, True),
+    # Short sequences (whole-row tiles, several heads per program): ViT-B/16, CLIP text, GQA.
+    (197, 197, 12, 12, 64, jnp.bfloat16, False, False),
+    (77, 77, 8, 8, 64, jnp.float16, True, False),
+    (128, 128, 8, 2, 128, jnp.bfloat16, True, True),
 ]
 
 

@@ -69,6 +69,36 @@ class Tiles:
     num_stages: int
     num_warps_bwd: int
     num_stages_bwd: int
+    block_h: int = 1  # query heads per forward / dq program
+
+
+# Short sequences (both lengths padded to <= this): whole rows per tile, several heads per program.
+SHORT_LEN = 256
+
+
+def short_tiles(head_dim: int, dtype: Any, q_len: int, kv_len: int, heads: int, groups: int) -> Tiles | None:
+    """Tiles for short sequences (ViT's 197 tokens, CLIP text's 77), None for longer ones.
+
+    A long-sequence tiling would walk a 197-key row in four 64-key steps with an online softmax and
+    launch one program per (query tile, example, head). Here every tile spans the whole (padded)
+    row: the forward and dq programs see all keys in one step, the dk/dv programs all queries; and a
+    forward / dq program handles `block_h` query heads in turn (the largest of 4, 2 that divides the
+    heads and fits the kv groups): a quarter of the programs, each with more work, and heads that
+    share a kv head read its tile from L2 after the first. Query tiles are 64 rows (32 for float32 or head_dim > 64) so that the [rows, keys]
+    float32 logits stay in registers. Not yet measured on a GPU: `mha`'s tile arguments override.
+    """
+    lq, lk = pl.next_power_of_2(max(q_len, MIN_BLOCK)), pl.next_power_of_2(max(kv_len, MIN_BLOCK))
+    if max(lq, lk) > SHORT_LEN:
+        return None
+    d = _padded_head_dim(head_dim)
+    big = d > 64 or jnp.dtype(dtype) == jnp.float32
+    bq = min(32 if big else 64, lq)
+    block_h = next((hb for hb in (4, 2) if heads % hb == 0 and (hb % groups == 0 or groups % hb == 0)), 1)
+    return Tiles(
+        block_q=bq, block_k=lk, block_q_dkv=lq, block_k_dkv=min(bq, lk), block_q_dq=bq, block_k_dq=lk,
+        num_warps=4 if lk <= 128 and not big else 8, num_stages=1,
+        num_warps_bwd=8, num_stages_bwd=1, block_h=block_h,
+    )
 
 
 def default_tiles(head_dim: int, dtype: Any) -> Tiles:
@@ -170,6 +200,7 @@ def mha(
     num_stages: int | None = None,
     num_warps_bwd: int | None = None,
     num_stages_bwd: int | None = None,
+    block_h: int | None = None,
     interpret: bool = False,
     poison_outputs: bool = False,
 ) -> jax.Array:
@@ -185,6 +216,9 @@ def mha(
         All are powers of two >= 16, shrunk for short sequences.
       num_warps, num_stages: Triton launch parameters of the forward kernel; *_bwd: of the backward
         kernels. Ignored in interpret mode.
+      block_h: query heads per forward / dq program; it divides the heads, and it divides the
+        query heads per kv head or is a multiple of them. None: `short_tiles` for short sequences
+        (with their whole-row tiles), else 1.
       interpret: run the kernels in the Pallas interpreter (any backend; how the tests run).
       poison_outputs: testing aid: kernel outputs start as NaN (aliased NaN inputs), so an element a
         kernel never writes shows up as NaN instead of stale memory.
@@ -196,7 +230,14 @@ def mha(
         raise ValueError(f"pallas_gpu attention cannot do this call: {reason}")
     _, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    defaults = default_tiles(d, q.dtype)
+    groups = h // hkv
+    defaults = short_tiles(d, q.dtype, tq, tk, h, groups) or default_tiles(d, q.dtype)
+    block_h = defaults.block_h if block_h is None else int(block_h)
+    if block_h < 1 or h % block_h or (block_h % groups and groups % block_h):
+        raise ValueError(
+            f"block_h {block_h} must divide the {h} query heads and divide or be a multiple of the "
+            f"{groups} query heads per kv head"
+        )
 
     def pick(value: int | None, fallback: int | None, default: int) -> int:
         return value if value is not None else fallback if fallback is not None else default
@@ -212,13 +253,14 @@ def mha(
         num_stages=pick(num_stages, None, defaults.num_stages),
         num_warps_bwd=pick(num_warps_bwd, None, defaults.num_warps_bwd),
         num_stages_bwd=pick(num_stages_bwd, None, defaults.num_stages_bwd),
+        block_h=block_h,
     )
     st = _Static(
         causal=bool(causal),
         sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
         q_len=tq,
         kv_len=tk,
-        groups=h // hkv,
+        groups=groups,
         tiles=tiles,
         interpret=bool(interpret),
         poison=bool(poison_outputs),
@@ -330,6 +372,41 @@ def _q_block_index(st: _Static, n_q_blocks: int) -> Callable[[jax.Array], jax.Ar
     return lambda i: i
 
 
+def _head_loaders(st: _Static) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """(q-like loader, kv loader) for a program of st.tiles.block_h query heads.
+
+    With one head per program the refs are 2-D ([rows, D]; the head axis squeezed by the BlockSpec);
+    with several they keep a head axis ([rows, block_h, D] for q-like refs, [keys, kv heads, D] for
+    k/v when the block spans several kv heads), and query head `hh` of the program reads kv head
+    hh // groups of the block.
+    """
+    hb, g = st.tiles.block_h, st.groups
+
+    def load_q(ref: Any, hh: int, rows: Any = slice(None)) -> jax.Array:
+        return ref[rows, :] if hb == 1 else ref[rows, hh, :]
+
+    def load_kv(ref: Any, hh: int, rows: Any) -> jax.Array:
+        return ref[rows, hh // g, :] if hb > g else ref[rows, :]
+
+    return load_q, load_kv
+
+
+def _head_specs(st: _Static, bq: int, tk: int, d: int, qb: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """BlockSpecs over the grid (query tiles, batch, head blocks): (q-like, kv, per-row [B, H, T])."""
+    hb, g = st.tiles.block_h, st.groups
+    if hb == 1:
+        q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0))
+        row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qb(i)))
+    else:
+        q_spec = pl.BlockSpec((None, bq, hb, d), lambda i, bi, hi: (bi, qb(i), hi, 0))
+        row_spec = pl.BlockSpec((None, hb, bq), lambda i, bi, hi: (bi, hi, qb(i)))
+    if hb > g:  # the block spans hb // g kv heads: kv block hi
+        kv_spec = pl.BlockSpec((None, tk, hb // g, d), lambda i, bi, hi: (bi, 0, hi, 0))
+    else:  # one kv head: the one of the block's first query head
+        kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi * hb, g), 0))
+    return q_spec, kv_spec, row_spec
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 
@@ -342,46 +419,54 @@ def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> Non
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q, st.tiles.block_k
     d = q_ref.shape[-1]
+    load_q, load_kv = _head_loaders(st)
     qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
-    q = q_ref[...]
     q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
     q_ids = q_ids_ref[...] if segments else None
     scale = st.sm_scale * _LOG2E
     tail_len = st.kv_len if st.kv_len % bk else None
-
-    def body(j: jax.Array, carry: Any, masked: bool) -> Any:
-        acc, m, denom = carry
-        start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s = _dot(q, k, trans_b=True) * scale
-        if masked:
-            s, _ = _mask_logits(
-                s,
-                q_pos=q_pos,
-                kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
-                q_ids=q_ids,
-                kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
-                kv_len=tail_len,
-            )
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        denom = denom * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, denom
-
-    carry = (
-        jnp.zeros((bq, d), jnp.float32),
-        jnp.full((bq,), _M_INIT, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
-    )
     full, end = _causal_kv_range(st, qi, bq, bk, segments)
-    carry = _fori(0, full, functools.partial(body, masked=False), carry)
-    carry = _fori(full, end, functools.partial(body, masked=True), carry)
-    acc, m, denom = carry  # denom >= 1: the running max's own term is exp2(0)
-    o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log2(denom)
+
+    for hh in range(st.tiles.block_h):  # the program's query heads, one after another
+        q = load_q(q_ref, hh)
+
+        def body(j: jax.Array, carry: Any, masked: bool, q=q, hh=hh) -> Any:
+            acc, m, denom = carry
+            start = pl.multiple_of(j * bk, bk)
+            k = load_kv(k_ref, hh, pl.ds(start, bk))
+            v = load_kv(v_ref, hh, pl.ds(start, bk))
+            s = _dot(q, k, trans_b=True) * scale
+            if masked:
+                s, _ = _mask_logits(
+                    s,
+                    q_pos=q_pos,
+                    kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
+                    q_ids=q_ids,
+                    kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
+                    kv_len=tail_len,
+                )
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            denom = denom * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, m_new, denom
+
+        carry = (
+            jnp.zeros((bq, d), jnp.float32),
+            jnp.full((bq,), _M_INIT, jnp.float32),
+            jnp.zeros((bq,), jnp.float32),
+        )
+        carry = _fori(0, full, functools.partial(body, masked=False), carry)
+        carry = _fori(full, end, functools.partial(body, masked=True), carry)
+        acc, m, denom = carry  # denom >= 1: the running max's own term is exp2(0)
+        out = (acc / denom[:, None]).astype(o_ref.dtype)
+        if st.tiles.block_h == 1:
+            o_ref[...] = out
+            lse_ref[...] = m + jnp.log2(denom)
+        else:
+            o_ref[:, hh, :] = out
+            lse_ref[hh, :] = m + jnp.log2(denom)
 
 
 def _fwd(
@@ -390,15 +475,12 @@ def _fwd(
     """Padded q [B, Tq', H, D'], k/v [B, Tk', Hkv, D'] -> (out like q, lse [B, H, Tq'] float32, base 2)."""
     b, tq, h, d = q.shape
     tk = k.shape[1]
-    bq, g = st.tiles.block_q, st.groups
+    bq = st.tiles.block_q
     n_q = tq // bq
     qb = _q_block_index(st, n_q)
     segments = q_ids is not None
-    in_specs = [
-        pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0)),
-        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
-        pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
-    ]
+    q_spec, kv_spec, row_spec = _head_specs(st, bq, tk, d, qb)
+    in_specs = [q_spec, kv_spec, kv_spec]
     args = [q, k, v]
     if segments:
         in_specs += [
@@ -408,12 +490,9 @@ def _fwd(
         args += [q_ids, kv_ids]
     out, lse = _pallas(
         functools.partial(_fwd_kernel, st=st, segments=segments, n_q_blocks=n_q),
-        grid=(n_q, b, h),
+        grid=(n_q, b, h // st.tiles.block_h),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qb(i))),
-        ],
+        out_specs=[q_spec, row_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tq), jnp.float32)],
         args=args,
         st=st,
@@ -435,42 +514,49 @@ def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q_dq, st.tiles.block_k_dq
+    load_q, load_kv = _head_loaders(st)
     qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
-    q = q_ref[...]
-    do = do_ref[...]
-    lse = lse_ref[...]
-    delta = delta_ref[...]
     q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
     q_ids = q_ids_ref[...] if segments else None
     scale = st.sm_scale * _LOG2E
     tail_len = st.kv_len if st.kv_len % bk else None
-
-    def body(j: jax.Array, dq: jax.Array, masked: bool) -> jax.Array:
-        start = pl.multiple_of(j * bk, bk)
-        k = k_ref[pl.ds(start, bk), :]
-        v = v_ref[pl.ds(start, bk), :]
-        s = _dot(q, k, trans_b=True) * scale
-        valid = None
-        if masked:
-            s, valid = _mask_logits(
-                s,
-                q_pos=q_pos,
-                kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
-                q_ids=q_ids,
-                kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
-                kv_len=tail_len,
-            )
-        p = jnp.exp2(s - lse[:, None])
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        if valid is not None:  # masked logits get no gradient (matters for rows with no valid key)
-            ds = jnp.where(valid, ds, 0.0)
-        return dq + _dot(ds.astype(k.dtype), k)
-
     full, end = _causal_kv_range(st, qi, bq, bk, segments)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    dq = _fori(0, full, functools.partial(body, masked=False), dq)
-    dq = _fori(full, end, functools.partial(body, masked=True), dq)
-    dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
+
+    for hh in range(st.tiles.block_h):  # the program's query heads, one after another
+        q = load_q(q_ref, hh)
+        do = load_q(do_ref, hh)
+        lse = lse_ref[...] if st.tiles.block_h == 1 else lse_ref[hh, :]
+        delta = delta_ref[...] if st.tiles.block_h == 1 else delta_ref[hh, :]
+
+        def body(j: jax.Array, dq: jax.Array, masked: bool, q=q, do=do, lse=lse, delta=delta, hh=hh) -> jax.Array:
+            start = pl.multiple_of(j * bk, bk)
+            k = load_kv(k_ref, hh, pl.ds(start, bk))
+            v = load_kv(v_ref, hh, pl.ds(start, bk))
+            s = _dot(q, k, trans_b=True) * scale
+            valid = None
+            if masked:
+                s, valid = _mask_logits(
+                    s,
+                    q_pos=q_pos,
+                    kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
+                    q_ids=q_ids,
+                    kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
+                    kv_len=tail_len,
+                )
+            p = jnp.exp2(s - lse[:, None])
+            ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+            if valid is not None:  # masked logits get no gradient (matters for rows with no valid key)
+                ds = jnp.where(valid, ds, 0.0)
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        dq = jnp.zeros(q.shape, jnp.float32)
+        dq = _fori(0, full, functools.partial(body, masked=False), dq)
+        dq = _fori(full, end, functools.partial(body, masked=True), dq)
+        dq = (dq * st.sm_scale).astype(dq_ref.dtype)
+        if st.tiles.block_h == 1:
+            dq_ref[...] = dq
+        else:
+            dq_ref[:, hh, :] = dq
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,13 +657,11 @@ def _bwd_kernels(
     # delta_i = sum_d out_id * dout_id = sum_j p_ij dp_ij: one fused XLA reduction.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
 
-    # dq: grid over query tiles.
-    bq, bk = t.block_q_dq, t.block_k_dq
+    # dq: grid over query tiles (and blocks of t.block_h query heads).
+    bq = t.block_q_dq
     n_q = tq // bq
     qb = _q_block_index(st, n_q)
-    q_spec = pl.BlockSpec((None, bq, None, d), lambda i, bi, hi: (bi, qb(i), hi, 0))
-    kv_spec = pl.BlockSpec((None, tk, None, d), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, bi, hi: (bi, hi, qb(i)))
+    q_spec, kv_spec, row_spec = _head_specs(st, bq, tk, d, qb)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse, delta]
     if segments:
@@ -588,7 +672,7 @@ def _bwd_kernels(
         args += [q_ids, kv_ids]
     (dq,) = _pallas(
         functools.partial(_dq_kernel, st=st, segments=segments, n_q_blocks=n_q),
-        grid=(n_q, b, h),
+        grid=(n_q, b, h // t.block_h),
         in_specs=in_specs,
         out_specs=[q_spec],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
