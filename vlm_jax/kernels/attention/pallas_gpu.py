@@ -84,8 +84,9 @@ def short_tiles(head_dim: int, dtype: Any, q_len: int, kv_len: int, heads: int, 
     row: the forward and dq programs see all keys in one step, the dk/dv programs all queries; and a
     forward / dq program handles `block_h` query heads in turn (the largest of 4, 2 that divides the
     heads and fits the kv groups): a quarter of the programs, each with more work, and heads that
-    share a kv head read its tile from L2 after the first. Query tiles are 64 rows (32 for float32 or head_dim > 64) so that the [rows, keys]
-    float32 logits stay in registers. Not yet measured on a GPU: `mha`'s tile arguments override.
+    share a kv head read its tile from L2 after the first. Query tiles are 64 rows (32 for float32
+    or head_dim > 64) so that the [rows, keys] float32 logits stay in registers. Not yet measured on
+    a GPU: `mha`'s tile arguments override.
     """
     lq, lk = pl.next_power_of_2(max(q_len, MIN_BLOCK)), pl.next_power_of_2(max(kv_len, MIN_BLOCK))
     if max(lq, lk) > SHORT_LEN:
@@ -372,23 +373,38 @@ def _q_block_index(st: _Static, n_q_blocks: int) -> Callable[[jax.Array], jax.Ar
     return lambda i: i
 
 
-def _head_loaders(st: _Static) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
-    """(q-like loader, kv loader) for a program of st.tiles.block_h query heads.
+@dataclass(frozen=True)
+class _Heads:
+    """Access to query head `hh` of a program that holds st.tiles.block_h of them.
 
-    With one head per program the refs are 2-D ([rows, D]; the head axis squeezed by the BlockSpec);
-    with several they keep a head axis ([rows, block_h, D] for q-like refs, [keys, kv heads, D] for
-    k/v when the block spans several kv heads), and query head `hh` of the program reads kv head
-    hh // groups of the block.
+    With one head per program the refs are squeezed by their BlockSpecs ([rows, D], per-row
+    [rows]); with several they keep a head axis ([rows, block_h, D], per-row [block_h, rows]), and
+    k/v keep one when the block spans several kv heads: query head hh reads kv head hh // groups.
     """
-    hb, g = st.tiles.block_h, st.groups
 
-    def load_q(ref: Any, hh: int, rows: Any = slice(None)) -> jax.Array:
-        return ref[rows, :] if hb == 1 else ref[rows, hh, :]
+    block_h: int
+    groups: int
 
-    def load_kv(ref: Any, hh: int, rows: Any) -> jax.Array:
-        return ref[rows, hh // g, :] if hb > g else ref[rows, :]
+    def q(self, ref: Any, hh: int) -> jax.Array:  # q, do: [rows, D]
+        return ref[...] if self.block_h == 1 else ref[:, hh, :]
 
-    return load_q, load_kv
+    def row(self, ref: Any, hh: int) -> jax.Array:  # lse, delta: [rows]
+        return ref[...] if self.block_h == 1 else ref[hh, :]
+
+    def kv(self, ref: Any, hh: int, rows: Any) -> jax.Array:  # k, v: [keys, D]
+        return ref[rows, hh // self.groups, :] if self.block_h > self.groups else ref[rows, :]
+
+    def store_q(self, ref: Any, hh: int, value: jax.Array) -> None:
+        if self.block_h == 1:
+            ref[...] = value
+        else:
+            ref[:, hh, :] = value
+
+    def store_row(self, ref: Any, hh: int, value: jax.Array) -> None:
+        if self.block_h == 1:
+            ref[...] = value
+        else:
+            ref[hh, :] = value
 
 
 def _head_specs(st: _Static, bq: int, tk: int, d: int, qb: Callable[[Any], Any]) -> tuple[Any, ...]:
@@ -419,7 +435,7 @@ def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> Non
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q, st.tiles.block_k
     d = q_ref.shape[-1]
-    load_q, load_kv = _head_loaders(st)
+    heads = _Heads(st.tiles.block_h, st.groups)
     qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
     q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
     q_ids = q_ids_ref[...] if segments else None
@@ -428,13 +444,13 @@ def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> Non
     full, end = _causal_kv_range(st, qi, bq, bk, segments)
 
     for hh in range(st.tiles.block_h):  # the program's query heads, one after another
-        q = load_q(q_ref, hh)
+        q = heads.q(q_ref, hh)
 
         def body(j: jax.Array, carry: Any, masked: bool, q=q, hh=hh) -> Any:
             acc, m, denom = carry
             start = pl.multiple_of(j * bk, bk)
-            k = load_kv(k_ref, hh, pl.ds(start, bk))
-            v = load_kv(v_ref, hh, pl.ds(start, bk))
+            k = heads.kv(k_ref, hh, pl.ds(start, bk))
+            v = heads.kv(v_ref, hh, pl.ds(start, bk))
             s = _dot(q, k, trans_b=True) * scale
             if masked:
                 s, _ = _mask_logits(
@@ -460,13 +476,8 @@ def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> Non
         carry = _fori(0, full, functools.partial(body, masked=False), carry)
         carry = _fori(full, end, functools.partial(body, masked=True), carry)
         acc, m, denom = carry  # denom >= 1: the running max's own term is exp2(0)
-        out = (acc / denom[:, None]).astype(o_ref.dtype)
-        if st.tiles.block_h == 1:
-            o_ref[...] = out
-            lse_ref[...] = m + jnp.log2(denom)
-        else:
-            o_ref[:, hh, :] = out
-            lse_ref[hh, :] = m + jnp.log2(denom)
+        heads.store_q(o_ref, hh, (acc / denom[:, None]).astype(o_ref.dtype))
+        heads.store_row(lse_ref, hh, m + jnp.log2(denom))
 
 
 def _fwd(
@@ -514,7 +525,7 @@ def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q_dq, st.tiles.block_k_dq
-    load_q, load_kv = _head_loaders(st)
+    heads = _Heads(st.tiles.block_h, st.groups)
     qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
     q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
     q_ids = q_ids_ref[...] if segments else None
@@ -523,15 +534,13 @@ def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None
     full, end = _causal_kv_range(st, qi, bq, bk, segments)
 
     for hh in range(st.tiles.block_h):  # the program's query heads, one after another
-        q = load_q(q_ref, hh)
-        do = load_q(do_ref, hh)
-        lse = lse_ref[...] if st.tiles.block_h == 1 else lse_ref[hh, :]
-        delta = delta_ref[...] if st.tiles.block_h == 1 else delta_ref[hh, :]
+        q, do = heads.q(q_ref, hh), heads.q(do_ref, hh)
+        lse, delta = heads.row(lse_ref, hh), heads.row(delta_ref, hh)
 
         def body(j: jax.Array, dq: jax.Array, masked: bool, q=q, do=do, lse=lse, delta=delta, hh=hh) -> jax.Array:
             start = pl.multiple_of(j * bk, bk)
-            k = load_kv(k_ref, hh, pl.ds(start, bk))
-            v = load_kv(v_ref, hh, pl.ds(start, bk))
+            k = heads.kv(k_ref, hh, pl.ds(start, bk))
+            v = heads.kv(v_ref, hh, pl.ds(start, bk))
             s = _dot(q, k, trans_b=True) * scale
             valid = None
             if masked:
@@ -552,11 +561,7 @@ def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None
         dq = jnp.zeros(q.shape, jnp.float32)
         dq = _fori(0, full, functools.partial(body, masked=False), dq)
         dq = _fori(full, end, functools.partial(body, masked=True), dq)
-        dq = (dq * st.sm_scale).astype(dq_ref.dtype)
-        if st.tiles.block_h == 1:
-            dq_ref[...] = dq
-        else:
-            dq_ref[:, hh, :] = dq
+        heads.store_q(dq_ref, hh, (dq * st.sm_scale).astype(dq_ref.dtype))
 
 
 # --------------------------------------------------------------------------------------------
