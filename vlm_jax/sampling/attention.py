@@ -20,6 +20,8 @@ evenly (cell (r, c) spans rows r * H / h .. (r + 1) * H / h of an H-pixel image)
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any
 
@@ -44,7 +46,16 @@ def has_image_attention(model: Any) -> bool:
 
 def image_attention(model: Any, variables: Any, images: jax.Array, tokens: jax.Array) -> np.ndarray:
     """Attention maps f32 [B, T, h, w] of captions tokens [B, T] (see the module docstring)."""
-    return as_grid(flat_attention(model, variables, images, tokens))
+    if not has_image_attention(model):
+        flat_attention(model, variables, images, tokens)  # raises, saying why
+    return as_grid(_compiled_maps(model)(variables, images, tokens))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_maps(model: Any) -> Any:
+    """flat_attention of one model, jitted once (flax modules hash by their fields): eager flax
+    applies run op by op, several times slower on a CPU."""
+    return jax.jit(functools.partial(flat_attention, model))
 
 
 def flat_attention(model: Any, variables: Any, images: jax.Array, tokens: jax.Array) -> jax.Array:
