@@ -149,6 +149,23 @@ def test_malformed_files_name_the_file(tmp_path, text, match):
         sources.karpathy_source(path, "test")
 
 
+def test_the_file_is_parsed_once_per_version(tmp_path, monkeypatch):
+    path, root = _write_karpathy(tmp_path)
+    loads = []
+    real_load = json.load
+    monkeypatch.setattr(sources.json, "load", lambda f: loads.append(f.name) or real_load(f))
+    train = sources.karpathy_source(path, "train", root)
+    sources.karpathy_source(path, "validation", root)
+    again = sources.karpathy_source(path, "train", root)
+    assert len(loads) == 1 and [train[i] for i in range(5)] == [again[i] for i in range(5)]
+    again[0]["captions"].append("changed")  # records are copies: the cached index is untouched
+    assert sources.karpathy_source(path, "train", root)[0]["captions"] == ["A red circle.", "A red square."]
+    data = json.loads(pathlib.Path(path).read_text())
+    data["images"] = [img for img in data["images"] if img["split"] != "test"]
+    pathlib.Path(path).write_text(json.dumps(data))  # a new version of the file is read again
+    assert len(sources.karpathy_source(path, "test", root)) == 0 and len(loads) == 2
+
+
 def test_make_source_and_restval_switch(tmp_path):
     path, root = _write_karpathy(tmp_path)
     config = _karpathy_config(path, root)

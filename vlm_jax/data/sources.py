@@ -11,6 +11,7 @@ images are read (and their failures counted) in the pipeline's map step, not her
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -101,35 +102,51 @@ def karpathy_source(
     wanted = set(KARPATHY_SPLITS[split])
     if not restval:
         wanted.discard("restval")
-    try:
-        with open(dataset_json, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{dataset_json!r} is not a Karpathy split file (not JSON: {e})") from e
-    images = data.get("images") if isinstance(data, dict) else None
-    if not isinstance(images, list):
-        raise ValueError(f"{dataset_json!r} is not a Karpathy split file (needs an 'images' list)")
+    stat = os.stat(dataset_json)
+    index = _karpathy_index(os.path.abspath(dataset_json), stat.st_mtime_ns, stat.st_size)
     root = _image_root(dataset_json, image_root)
-    records = []
-    for i, img in enumerate(images):
-        if not isinstance(img, dict) or not isinstance(img.get("filename"), str) or "split" not in img:
-            raise ValueError(f"{dataset_json!r}: images[{i}] has no 'filename' and 'split'")
-        if img["split"] not in wanted:
-            continue
-        sentences = img.get("sentences")
-        sentences = [] if sentences is None else sentences
-        if not isinstance(sentences, list):
-            raise ValueError(f"{dataset_json!r}: images[{i}]['sentences'] is not a list")
-        records.append(
-            {
-                "image": _resolve(root, os.path.join(str(img.get("filepath") or ""), img["filename"])),
-                "captions": [_sentence_text(s) for s in sentences],
-                "image_id": img.get("cocoid", img.get("imgid")),
-            }
-        )
+    records = [
+        {"image": _resolve(root, file), "captions": list(captions), "image_id": image_id}
+        for file, img_split, captions, image_id in index
+        if img_split in wanted
+    ]
     if not records:
         log.warning("%s: no images in split %r (%s)", dataset_json, split, "+".join(sorted(wanted)))
     return RecordSource(records, name=f"{os.path.basename(dataset_json)}:{split}")
+
+
+@functools.lru_cache(maxsize=2)
+def _karpathy_index(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, str, tuple[str, ...], Any], ...]:
+    """(filepath/filename, split, raw sentences, image id) of every image of a Karpathy file.
+
+    Parsed once per file version (path, mtime, size): a run reads its train split for training,
+    the tokenizer and the caption baseline and its val split for the evaluator. The index keeps
+    what the records need, not the file's token lists, which are most of its size.
+    """
+    del mtime_ns, size  # cache key only
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} is not a Karpathy split file (not JSON: {e})") from e
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ValueError(f"{path!r} is not a Karpathy split file (needs an 'images' list)")
+    index = []
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or not isinstance(img.get("filename"), str) or "split" not in img:
+            raise ValueError(f"{path!r}: images[{i}] has no 'filename' and 'split'")
+        sentences = img.get("sentences")
+        sentences = [] if sentences is None else sentences
+        if not isinstance(sentences, list):
+            raise ValueError(f"{path!r}: images[{i}]['sentences'] is not a list")
+        index.append((
+            os.path.join(str(img.get("filepath") or ""), img["filename"]),
+            img["split"],
+            tuple(_sentence_text(s) for s in sentences),
+            img.get("cocoid", img.get("imgid")),
+        ))
+    return tuple(index)
 
 
 def jsonl_source(path: str | os.PathLike, image_root: str | os.PathLike = "") -> RecordSource:
