@@ -263,3 +263,48 @@ def test_each_host_takes_its_own_data_state(monkeypatch):
     monkeypatch.setattr(jax, "process_count", lambda: 2)  # Another host count: host 0's state for all.
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     assert hosts.own_data_state(saved) == {"host": 0}
+
+
+@pytest.mark.slow  # a reference run, then two processes train a captioner and decode (about 2 min)
+def test_caption_evaluator_on_two_hosts_matches_one(world_cache, tmp_path, monkeypatch, compile_cache):
+    """A Show, Attend and Tell run (data=2 x fsdp=2 over two processes) ends with its caption
+    evaluator (beam search, grounding, baseline): host 0 writes the same metrics as one process
+    with the same mesh and the two hosts' batches."""
+    from vlm_jax import config as config_lib
+
+    config = config_lib.load(
+        "configs/show_attend_tell.py:tiny_scratch",
+        {
+            "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
+            "data.batch_size": 16, "model.embed_dim": 32, "model.hidden": 64, "model.attn_dim": 32,
+            "model.encoder.stages": ((1, 8), (1, 8), (1, 16)), "train.steps": 150, "optim.warmup_steps": 5,
+            "train.log_every": 10,
+            "train.eval_every": 0, "train.ckpt_every": 1000, "train.progress": False,
+            "train.async_checkpoints": False, "evals.val.num_examples": 16, "evals.val.batch_size": 8,
+            "evals.val.max_new_tokens": 12, "evals.val.beam_size": 2,
+        },
+    )
+    with config.unlocked():
+        config.data.world_num_examples.update(dict(train=64, validation=32, test=32))
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 1
+    make = pipeline.train_batches
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "train_batches", lambda c, t, **kw: _TwoHosts(make, c, t))
+        reference = train(config, str(tmp_path / "one"), devices=jax.devices()[:4])["eval"]
+    # Enough steps for captions that are not empty (they do not name objects yet: grounding runs,
+    # scoring no words).
+    assert reference["val/BLEU-1"] > 0 and "val/grounding/words" in reference, reference
+
+    spec, workdir, port = _spec(config, tmp_path / "cfg.py"), tmp_path / "two", _free_port()
+    procs = [_start(compile_cache, spec, workdir, tmp_path, port, i) for i in range(2)]
+    try:
+        codes = _wait(procs, 300)
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    written = {k: v for r in read_metrics(workdir) for k, v in r.items() if k.startswith("val/")}
+    assert set(written) == set(reference)
+    for key, value in reference.items():
+        np.testing.assert_allclose(written[key], value, rtol=1e-4, atol=1e-4, err_msg=key)
