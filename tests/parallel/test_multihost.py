@@ -174,6 +174,9 @@ def test_two_processes_match_one_agree_on_sigterm_and_resume_per_host(
     losses = _losses(workdir)
     assert len(losses) == step + 2
     np.testing.assert_allclose(losses, reference[: step + 2], rtol=2e-5, atol=2e-5)
+    # The data counters host 0 writes are both hosts' (each reads half of every global batch).
+    seen = [r["data/examples_seen"] for r in read_metrics(workdir) if "data/examples_seen" in r]
+    assert seen[-1] == (step + 2) * config.data.batch_size, seen
 
 
 def test_a_dead_process_stops_the_other(tiny_clip_config, tmp_path, compile_cache):

@@ -68,6 +68,18 @@ def allgather_json(obj: Any) -> list[Any]:
     return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
 
 
+def summed_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """Counters summed over hosts, each of which counts what it read (examples seen, skipped);
+    every host calls this at the same point (a collective on several hosts)."""
+    if jax.process_count() == 1:
+        return dict(counts)
+    from jax.experimental import multihost_utils
+
+    keys = sorted(counts)
+    rows = np.asarray(multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.int32)))
+    return dict(zip(keys, (int(x) for x in rows.reshape(-1, len(keys)).astype(np.int64).sum(axis=0))))
+
+
 # A checkpoint's data item: one iterator state per host (each host reads its own share of the data).
 _PER_HOST = "per_host"
 

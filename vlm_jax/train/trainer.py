@@ -331,7 +331,7 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
                         "train/lr": float(lr_schedule(step)),
                     }
                 )
-                train_metrics.update(batches.stats())
+                train_metrics.update(hosts.summed_counts(batches.stats()))  # all hosts' reads
                 writer.write(step, train_metrics)
             if evaluators and config.train.eval_every and step % config.train.eval_every == 0:
                 if step != total_steps:
