@@ -92,6 +92,11 @@ def test_small_cnn_flatten_head_keeps_the_grid():
     np.testing.assert_array_equal(out["pooled"], pooled)
     again = resnet._max_pool_2x2(out["grid"]).reshape(2, -1) @ params["proj"]["kernel"] + params["proj"]["bias"]
     np.testing.assert_allclose(again, pooled, atol=1e-5)
+    second = _apply(resnet.SmallCNN(channels=(8, 16), output_dim=10, pool="flatten", grid_stage=0),
+                    {"params": params}, x, method="encode")
+    assert second["grid"].shape == (2, 16, 16, 8)  # stage 0 before its pool
+    with np.testing.assert_raises_regex(ValueError, "grid_stage 2 is not one of its 2 stages"):
+        _apply(resnet.SmallCNN(channels=(8, 16), output_dim=10, grid_stage=2), {"params": params}, x)
     bad = resnet.SmallCNN(channels=(8,), output_dim=10, pool="max")
     with np.testing.assert_raises_regex(ValueError, "choose mean or flatten"):
         jax.jit(bad.init)(_key(0), x)

@@ -237,8 +237,9 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
 class SmallCNN(nn.Module):
     """images [B, H, W, C] -> [B, output_dim] (f32): conv stages, mean pool, projection.
 
-    `encode` also returns the last conv stage's feature map before its pool (where VGG-16's
-    conv5_3 sits for Show, Attend and Tell): the annotation grid of a captioner that attends.
+    `encode` also returns one stage's feature map before its pool (`grid_stage`, default the last:
+    where VGG-16's conv5_3 sits for Show, Attend and Tell): the annotation grid of a captioner
+    that attends.
     """
 
     channels: tuple[int, ...] = (32, 64, 128, 128)
@@ -254,11 +255,15 @@ class SmallCNN(nn.Module):
 
     @nn.compact
     def encode(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-        """images [B, H, W, C] -> {"pooled": f32 [B, output_dim], "grid": [B, H/2**(n-1), W/2**(n-1),
-        channels[-1]] (the last stage after its conv, norm and relu, before its pool)}."""
+        """images [B, H, W, C] -> {"pooled": f32 [B, output_dim], "grid": [B, H/2**s, W/2**s,
+        channels[s]]}: the grid is stage s = grid_stage after its conv, norm and relu, before its
+        pool."""
         del train  # No batch-dependent layers.
         if self.norm not in NORMS:
             raise ValueError(f"SmallCNN norm {self.norm!r}: choose one of {NORMS}")
+        n = len(self.channels)
+        if not -n <= self.grid_stage < n:
+            raise ValueError(f"SmallCNN grid_stage {self.grid_stage} is not one of its {n} stages")
         step = 2 ** len(self.channels)
         if images.shape[1] % step or images.shape[2] % step:
             raise ValueError(
@@ -266,14 +271,14 @@ class SmallCNN(nn.Module):
                 f"got {images.shape[1]}x{images.shape[2]}"
             )
         x = images.astype(self.dtype)
-        grid = x
+        grid = None
         for i, features in enumerate(self.channels):
             conv = _conv(features, 3, use_bias=self.norm == "none", dtype=self.dtype, name=f"conv{i}",
                          matmul_wgrad=True)
             x = conv(x)
             if self.norm == "layer":
                 x = LayerNorm(1e-5, self.dtype, axis_name="conv_out", name=f"norm{i}")(x)
-            if i == self.grid_stage % len(self.channels):
+            if i == self.grid_stage % n:
                 grid = nn.relu(x)
             x = nn.relu(_max_pool_2x2(x))  # = max_pool(relu(x)), a quarter of the relu work
         if self.pool == "flatten":

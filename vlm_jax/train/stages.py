@@ -105,10 +105,13 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs
     """Trains every stage in order; returns [(stage name, trainer summary)]."""
     from vlm_jax.train.trainer import train
 
+    from vlm_jax.parallel import hosts
+
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, STAGES_FILE), "w") as f:
-        json.dump({"order": stage_names(config)}, f)
+    if hosts.is_main_process():  # one writer on a shared filesystem
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, STAGES_FILE), "w") as f:
+            json.dump({"order": stage_names(config)}, f)
     summaries, previous = [], None
     for name in stage_names(config):
         stage_dir = os.path.join(workdir, name)
