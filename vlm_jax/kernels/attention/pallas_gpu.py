@@ -423,6 +423,49 @@ def _head_specs(st: _Static, bq: int, tk: int, d: int, qb: Callable[[Any], Any])
     return q_spec, kv_spec, row_spec
 
 
+def _kv_tile_logits(
+    q: jax.Array, hh: int, j: jax.Array, masked: bool, *, heads: _Heads, k_ref: Any, v_ref: Any,
+    kv_ids_ref: Any, bk: int, scale: float, q_pos: jax.Array | None, q_ids: jax.Array | None,
+    tail_len: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """Key tile j of query head hh, as the forward and dq kernels walk them: (k, v, base-2 logits
+    of q against k [rows, bk], the causal/segment validity or None); masked applies the masks."""
+    start = pl.multiple_of(j * bk, bk)
+    k = heads.kv(k_ref, hh, pl.ds(start, bk))
+    v = heads.kv(v_ref, hh, pl.ds(start, bk))
+    s = _dot(q, k, trans_b=True) * scale
+    valid = None
+    if masked:
+        s, valid = _mask_logits(
+            s,
+            q_pos=q_pos,
+            kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
+            q_ids=q_ids,
+            kv_ids=kv_ids_ref[pl.ds(start, bk)] if kv_ids_ref is not None else None,
+            kv_len=tail_len,
+        )
+    return k, v, s, valid
+
+
+def _query_tile(
+    st: _Static, k_ref: Any, v_ref: Any, q_ids_ref: Any, kv_ids_ref: Any, bq: int, bk: int, n_q_blocks: int
+) -> tuple[_Heads, Any, Any, Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]]:
+    """What a forward or dq program needs to walk the key tiles of its query tile: (heads, key
+    tiles [0, full) without a mask, [full, end) with it, tile(q, hh, j, masked) -> _kv_tile_logits)."""
+    qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
+    segments = q_ids_ref is not None
+    full, end = _causal_kv_range(st, qi, bq, bk, segments)
+    heads = _Heads(st.tiles.block_h, st.groups)
+    tile = functools.partial(
+        _kv_tile_logits, heads=heads, k_ref=k_ref, v_ref=v_ref, kv_ids_ref=kv_ids_ref, bk=bk,
+        scale=st.sm_scale * _LOG2E,
+        q_pos=qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None,
+        q_ids=q_ids_ref[...] if segments else None,
+        tail_len=st.kv_len if st.kv_len % bk else None,
+    )
+    return heads, full, end, tile
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.
 
@@ -435,32 +478,14 @@ def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> Non
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q, st.tiles.block_k
     d = q_ref.shape[-1]
-    heads = _Heads(st.tiles.block_h, st.groups)
-    qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
-    q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
-    q_ids = q_ids_ref[...] if segments else None
-    scale = st.sm_scale * _LOG2E
-    tail_len = st.kv_len if st.kv_len % bk else None
-    full, end = _causal_kv_range(st, qi, bq, bk, segments)
+    heads, full, end, tile = _query_tile(st, k_ref, v_ref, q_ids_ref, kv_ids_ref, bq, bk, n_q_blocks)
 
     for hh in range(st.tiles.block_h):  # the program's query heads, one after another
         q = heads.q(q_ref, hh)
 
         def body(j: jax.Array, carry: Any, masked: bool, q=q, hh=hh) -> Any:
             acc, m, denom = carry
-            start = pl.multiple_of(j * bk, bk)
-            k = heads.kv(k_ref, hh, pl.ds(start, bk))
-            v = heads.kv(v_ref, hh, pl.ds(start, bk))
-            s = _dot(q, k, trans_b=True) * scale
-            if masked:
-                s, _ = _mask_logits(
-                    s,
-                    q_pos=q_pos,
-                    kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
-                    q_ids=q_ids,
-                    kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
-                    kv_len=tail_len,
-                )
+            _, v, s, _ = tile(q, hh, j, masked)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - m_new[:, None])
@@ -525,33 +550,14 @@ def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q_dq, st.tiles.block_k_dq
-    heads = _Heads(st.tiles.block_h, st.groups)
-    qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
-    q_pos = qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None
-    q_ids = q_ids_ref[...] if segments else None
-    scale = st.sm_scale * _LOG2E
-    tail_len = st.kv_len if st.kv_len % bk else None
-    full, end = _causal_kv_range(st, qi, bq, bk, segments)
+    heads, full, end, tile = _query_tile(st, k_ref, v_ref, q_ids_ref, kv_ids_ref, bq, bk, n_q_blocks)
 
     for hh in range(st.tiles.block_h):  # the program's query heads, one after another
         q, do = heads.q(q_ref, hh), heads.q(do_ref, hh)
         lse, delta = heads.row(lse_ref, hh), heads.row(delta_ref, hh)
 
         def body(j: jax.Array, dq: jax.Array, masked: bool, q=q, do=do, lse=lse, delta=delta, hh=hh) -> jax.Array:
-            start = pl.multiple_of(j * bk, bk)
-            k = heads.kv(k_ref, hh, pl.ds(start, bk))
-            v = heads.kv(v_ref, hh, pl.ds(start, bk))
-            s = _dot(q, k, trans_b=True) * scale
-            valid = None
-            if masked:
-                s, valid = _mask_logits(
-                    s,
-                    q_pos=q_pos,
-                    kv_pos=start + jnp.arange(bk, dtype=jnp.int32),
-                    q_ids=q_ids,
-                    kv_ids=kv_ids_ref[pl.ds(start, bk)] if segments else None,
-                    kv_len=tail_len,
-                )
+            k, v, s, valid = tile(q, hh, j, masked)
             p = jnp.exp2(s - lse[:, None])
             ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
             if valid is not None:  # masked logits get no gradient (matters for rows with no valid key)
