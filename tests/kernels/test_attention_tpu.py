@@ -69,6 +69,8 @@ def _check(
     sm_scale: float | None = None,
     block_q: int = 16,
     block_k: int = 16,
+    block_h: int | None = None,
+    block_hkv: int | None = None,
     interpret: Any = True,
     seed: int = 0,
     tolerance: float | None = None,
@@ -93,7 +95,8 @@ def _check(
         _value_and_grads,
         functools.partial(
             pallas_tpu.mha, causal=causal, segment_ids=seg, kv_segment_ids=kv_seg,
-            sm_scale=sm_scale, block_q=block_q, block_k=block_k, interpret=interpret,
+            sm_scale=sm_scale, block_q=block_q, block_k=block_k, block_h=block_h,
+            block_hkv=block_hkv, interpret=interpret,
         ),
     )
     ref = functools.partial(
@@ -162,6 +165,82 @@ def test_interpreter_poisons_unwritten_output():
 )
 def test_matches_reference(case):
     _check(**case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # Several heads per program (block_h for forward / dq, block_hkv for dk/dv), explicit small
+        # blocks so that the programs still walk several q and kv blocks.
+        dict(heads=4, block_h=2, block_hkv=2, causal=True),
+        dict(heads=4, block_h=4, block_hkv=4, q_len=37, segments="self"),
+        dict(heads=8, kv_heads=2, block_h=2, block_hkv=2, causal=True),  # block_h < groups
+        dict(heads=4, kv_heads=2, block_h=2, block_hkv=2, segments="self"),  # block_h == groups
+        dict(heads=8, kv_heads=4, block_h=4, block_hkv=2, q_len=37, causal=True),  # block_h > groups
+        dict(q_len=24, kv_len=56, heads=4, kv_heads=2, block_h=4, segments="cross", dtype=jnp.bfloat16),
+        # Default blocks and head blocks at short lengths: one tile per sequence, so several heads
+        # per program (4 and 4; 8 and 2).
+        dict(q_len=77, heads=4, causal=True, block_q=None, block_k=None),
+        dict(q_len=37, heads=8, kv_heads=2, segments="self", block_q=None, block_k=None),
+    ],
+    ids=[
+        "h2_causal", "h4_odd_segments", "gqa_h_lt_groups", "gqa_h_eq_groups", "gqa_h_gt_groups_odd",
+        "gqa_h_gt_groups_cross_bf16", "default_short_causal", "default_short_gqa_segments",
+    ],
+)
+def test_head_blocks_match_reference(case):
+    _check(**case)
+
+
+def _config_of(monkeypatch: Any, *, q_len: int, heads: int, kv_heads: int, head_dim: int = 64,
+               dtype: Any = jnp.bfloat16, **kwargs: Any) -> Any:
+    """The `_Config` that `mha` builds for this call (traced abstractly, no kernel runs)."""
+    seen = []
+    flash = pallas_tpu._flash
+
+    def spy(*args):
+        seen.append(args[-1])
+        return flash(*args)
+
+    monkeypatch.setattr(pallas_tpu, "_flash", spy)
+    q = jax.ShapeDtypeStruct((2, q_len, heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((2, q_len, kv_heads, head_dim), dtype)
+    jax.eval_shape(functools.partial(pallas_tpu.mha, **kwargs), q, kv, kv)
+    return seen[-1]
+
+
+@pytest.mark.parametrize(
+    "case,block,block_h,block_hkv",
+    [
+        (dict(q_len=197, heads=12, kv_heads=12), 256, 6, 6),  # ViT-B/16: 6 heads use the 8 MiB budget
+        (dict(q_len=77, heads=8, kv_heads=8, causal=True), 128, 8, 8),  # CLIP text
+        (dict(q_len=77, heads=8, kv_heads=2), 128, 8, 2),  # GQA: block_h spans kv heads
+        (dict(q_len=77, heads=12, kv_heads=4), 128, 6, 4),  # 6: two whole groups of 3 query heads
+        (dict(q_len=257, heads=16, kv_heads=16), 384, 2, 4),  # ViT-L/14: the VMEM budget decides
+        (dict(q_len=1024, heads=8, kv_heads=8), 512, 1, 1),  # long: several tiles, one head
+        (dict(q_len=197, heads=12, kv_heads=12, block_q=128), 256, 1, 1),  # two q tiles
+    ],
+    ids=["vit_b", "clip_text", "gqa", "gqa_groups_3", "vit_l_budget", "long", "two_tiles"],
+)
+def test_default_head_blocks(monkeypatch, case, block, block_h, block_hkv):
+    cfg = _config_of(monkeypatch, **case)
+    assert (cfg.block_k, cfg.block_h, cfg.block_hkv) == (block, block_h, block_hkv)
+
+
+def test_head_blocks_rejected():
+    q = jnp.zeros((1, 16, 6, 64), jnp.float32)
+    kv = jnp.zeros((1, 16, 2, 64), jnp.float32)
+    mha = functools.partial(pallas_tpu.mha, interpret=True)
+    with pytest.raises(ValueError, match="block_h=4 must divide the 6 query heads"):
+        mha(q, q, q, block_h=4)
+    with pytest.raises(ValueError, match="block_h=0"):
+        mha(q, q, q, block_h=0)
+    with pytest.raises(ValueError, match="block_h=2 .* multiple of the 3 query heads per kv head"):
+        mha(q, kv, kv, block_h=2)  # divides the 6 heads but would straddle two kv heads
+    with pytest.raises(ValueError, match="block_hkv=4 must divide the 2 kv heads"):
+        mha(q, kv, kv, block_hkv=4)
+    out = jax.eval_shape(functools.partial(mha, block_h=6, block_hkv=2), q, kv, kv)  # 2 kv heads
+    assert out.shape == q.shape
 
 
 def test_row_without_visible_key_is_zero():
@@ -258,8 +337,16 @@ def _lower_for_tpu(
         # Odd lengths (padded to the 128-multiple blocks), padded head_dim, fp16 computed in fp32.
         dict(causal=True, segments="cross", q_len=300, kv_len=777, kv_heads=2, head_dim=80, dtype=jnp.float16),
         dict(causal=False, q_len=77, heads=4, kv_heads=4, head_dim=64, dtype=jnp.float32),
+        # Short sequences, one tile each: several heads per program (ViT-B/16: block_h 4; CLIP
+        # text: 8; GQA: a block of query heads spanning two kv heads).
+        dict(causal=False, q_len=197, kv_len=197, heads=12, kv_heads=12, head_dim=64),
+        dict(causal=True, q_len=77, kv_len=77, heads=8, kv_heads=8, head_dim=64),
+        dict(causal=True, segments="self", q_len=77, kv_len=77, heads=8, kv_heads=2, head_dim=64),
     ],
-    ids=["plain", "causal", "causal_segments_gqa", "segments_mqa", "odd_cross_d80_fp16", "short_d64_fp32"],
+    ids=[
+        "plain", "causal", "causal_segments_gqa", "segments_mqa", "odd_cross_d80_fp16", "short_d64_fp32",
+        "vit_b16", "clip_text", "short_gqa_segments",
+    ],
 )
 def test_lowers_for_tpu(case):
     """Mosaic lowering of forward and backward, default blocks, realistic shapes (B2 S1024 H8 D128

@@ -15,12 +15,22 @@
 
 Kernels (FlashAttention-2 style, all accumulation in fp32 VMEM scratch):
 
-* forward: grid (B, H, q blocks, kv blocks); running max / sum / output in scratch, writes the
-  output and the per-row logsumexp (the only softmax residual kept for the backward pass);
-* dq: grid (B, H, q blocks, kv blocks), recomputes the probabilities from the logsumexp;
-* dk/dv: grid (B, Hkv, kv blocks, group, q blocks), works on the transposed scores
+* forward: grid (B, H / block_h, q blocks, kv blocks); running max / sum / output in scratch,
+  writes the output and the per-row logsumexp (the only softmax residual kept for the backward
+  pass);
+* dq: grid (B, H / block_h, q blocks, kv blocks), recomputes the probabilities from the logsumexp;
+* dk/dv: grid (B, Hkv / block_hkv, kv blocks, group, q blocks), works on the transposed scores
   [block_k, block_q] so that the per-query logsumexp and `di = rowsum(o * do)` broadcast along
   sublanes without relayouts.
+
+A forward / dq program handles `block_h` query heads and a dk/dv program `block_hkv` kv heads, one
+after another in a static loop (the mask of a tile is shared by them). For long sequences both are
+1: a program already has many tiles to walk. For short ones (ViT's 197 tokens, CLIP text's 77) where
+the whole padded sequence is one tile on both axes, one head per program would make each grid step
+a single small tile and the ~0.35 us per-step overhead would dominate; the default is then the
+largest of 8, 6, 4, 3, 2 that divides the heads (for block_h: and divides or is a multiple of the query
+heads per kv head) and keeps the program's VMEM under `_HEAD_BLOCK_VMEM_BUDGET`. The heads of a
+forward / dq block share one kv head (block_h <= group) or span block_h / group whole kv heads.
 
 Internally the kernels use the [B, heads, T, D] layout (one transpose each way in XLA) so that every
 block is a dense (rows, head_dim) tile. Rows with no visible key at all (possible only with segment
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,6 +59,11 @@ NUM_LANES = 128
 NUM_SUBLANES = 8
 # Block-size candidates for the default choice, largest first; 512 suits v4/v5 at head_dim <= 256.
 _DEFAULT_BLOCKS = (512, 384, 256, 128)
+# Heads per program for short sequences (the default block_h / block_hkv), largest first, and the
+# VMEM such a program may use (double-buffered blocks + scratch, `_vmem_bytes`): well under the
+# default scoped VMEM limit (16 MiB on v4/v5e, 32 MiB on v6e), leaving room for the score temporaries.
+_HEAD_BLOCKS = (8, 6, 4, 3, 2, 1)
+_HEAD_BLOCK_VMEM_BUDGET = 8 * 2**20
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -85,6 +101,8 @@ def mha(
     sm_scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
+    block_h: int | None = None,
+    block_hkv: int | None = None,
     interpret: Interpret = False,
 ) -> jax.Array:
     """Flash attention, q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> [B, Tq, H, D] (differentiable).
@@ -99,10 +117,17 @@ def mha(
         On a TPU multiples of 128; in interpret mode multiples of 8. Default: the largest of
         512, 384, 256, 128 (256 and less for head_dim > 256) that divides the length rounded up
         to 128.
+      block_h: query heads per forward / dq program; it divides the heads, and divides or is a
+        multiple of the query heads per kv head (H // Hkv).
+      block_hkv: kv heads per dk/dv program; it divides Hkv.
+        Default for both: 1, except when each padded sequence is a single block (short sequences
+        such as 77 or 197 tokens): then the largest of 8, 6, 4, 3, 2, 1 that fits these rules and keeps
+        a program's VMEM (double-buffered blocks + scratch) under 8 MiB, so that a grid step does
+        several heads' tiles rather than one (e.g. B256 S197 H12 D64 bf16: 6 and 6; S77 H8: 8, 8).
       interpret: run the kernels in the Pallas interpreter (True, or a `pltpu.InterpretParams`).
 
     Raises:
-      ValueError: when `unsupported_reason` gives a reason, or for bad block sizes.
+      ValueError: when `unsupported_reason` gives a reason, or for bad block sizes or head blocks.
     """
     reason = unsupported_reason(
         q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
@@ -119,6 +144,17 @@ def mha(
     bq = _block_size(tq, block_q, align, d, "block_q")
     bk = _block_size(tk, block_k, align, d, "block_k")
     tqp, tkp = _round_up(tq, bq), _round_up(tk, bk)
+    groups = h // hkv
+    one_tile = tqp == bq and tkp == bk  # short sequences: several heads per program by default
+    itemsize = jnp.dtype(compute_dtype).itemsize
+    block_h = _head_block(
+        block_h, h, groups, one_tile,
+        lambda n: _vmem_bytes("fwd_dq", n, groups, bq, bk, dp, itemsize), "block_h", "query heads",
+    )
+    block_hkv = _head_block(
+        block_hkv, hkv, 1, one_tile,
+        lambda n: _vmem_bytes("dkv", n, groups, bq, bk, dp, itemsize), "block_hkv", "kv heads",
+    )
 
     def to_kernel_layout(x: jax.Array, length: int) -> jax.Array:
         x = jnp.swapaxes(x.astype(compute_dtype), 1, 2)  # [B, heads, T, D]
@@ -137,8 +173,10 @@ def mha(
         block_k=bk,
         q_len=tq,
         kv_len=tk,
-        groups=h // hkv,
+        groups=groups,
         interpret=interpret,
+        block_h=block_h,
+        block_hkv=block_hkv,
     )
     out = _flash(qt, kt, vt, q_seg, kv_seg, cfg)  # [B, H, tqp, dp]
     return jnp.swapaxes(out[:, :, :tq, :d], 1, 2).astype(out_dtype)
@@ -161,6 +199,13 @@ class _Config:
     kv_len: int
     groups: int  # query heads per kv head
     interpret: Interpret
+    block_h: int = 1  # query heads per forward / dq program
+    block_hkv: int = 1  # kv heads per dk/dv program
+
+    @property
+    def kv_heads_per_block(self) -> int:
+        """kv heads in a forward / dq program's k/v block (1 when its query heads share one)."""
+        return max(self.block_h // self.groups, 1)
 
     @property
     def offset(self) -> int:
@@ -187,6 +232,60 @@ def _block_size(length: int, requested: int | None, align: int, head_dim: int, n
     candidates = [c for c in _DEFAULT_BLOCKS if head_dim <= 256 or c <= 256]
     padded = _round_up(length, NUM_LANES)
     return next((c for c in candidates if padded % c == 0), NUM_LANES)
+
+
+def _head_block(
+    requested: int | None, heads: int, groups: int, one_tile: bool, vmem: Callable[[int], int],
+    name: str, what: str,
+) -> int:
+    """Heads per program: `requested` (checked), else the default (module docstring, "Kernels").
+
+    A block of query heads (groups > 1) must share one kv head or span whole kv heads: it divides
+    `groups` or is a multiple of it. `vmem(n)` estimates the VMEM of a program with n heads.
+    """
+
+    def fits(n: int) -> bool:
+        return heads % n == 0 and (groups % n == 0 or n % groups == 0)
+
+    if requested is not None:
+        if requested < 1 or not fits(requested):
+            rule = f"divide the {heads} {what}"
+            if groups > 1:
+                rule += f" and divide or be a multiple of the {groups} query heads per kv head"
+            raise ValueError(f"{name}={requested} must {rule}")
+        return int(requested)
+    if not one_tile:
+        return 1
+    return next(n for n in _HEAD_BLOCKS if fits(n) and (n == 1 or vmem(n) <= _HEAD_BLOCK_VMEM_BUDGET))
+
+
+def _vmem_bytes(kernel: str, heads: int, groups: int, bq: int, bk: int, dp: int, itemsize: int) -> int:
+    """Rough VMEM of one program with `heads` heads: its blocks, double-buffered by the Pallas
+    pipeline, plus the fp32 scratch. `kernel` is "fwd_dq" (the larger of the forward and dq
+    programs, `heads` query heads) or "dkv" (`heads` kv heads). Tiles are counted at 128 lanes (a
+    head dim of 64 still takes 128 in VMEM); the [bq, bk] fp32 score temporaries are left to the
+    budget's slack."""
+    lanes = _round_up(dp, NUM_LANES)
+    q_tile, kv_tile = bq * lanes * itemsize, bk * lanes * itemsize
+    seg_ids = (bq + bk) * NUM_LANES * 4  # an upper bound for the [rows, 128] and [8, cols] id tiles
+    if kernel == "fwd_dq":
+        kv_heads = max(heads // groups, 1)
+        # Per query head q, o (forward) or q, do, dq (dq), and the fp32 logsumexp [bq, 128]; scratch:
+        # the forward's running max, sum [bq, 128] and output accumulator.
+        blocks = heads * (3 * q_tile + bq * NUM_LANES * 4) + kv_heads * 2 * kv_tile + seg_ids
+        scratch = heads * (2 * bq * NUM_LANES + bq * lanes) * 4
+    else:
+        # Per kv head k, v, dk, dv, then q, do and the logsumexp / di rows ([8, bq] fp32 tiles) of
+        # one query head of its group; scratch: the dk and dv accumulators.
+        blocks = heads * (4 * kv_tile + 2 * q_tile + 2 * NUM_SUBLANES * bq * 4) + seg_ids
+        scratch = heads * 2 * bk * lanes * 4
+    return 2 * blocks + scratch
+
+
+def _head(ref: Any, index: int, count: int) -> Any:
+    """Head `index` of a ref whose block holds `count` heads on its leading axis. With one head the
+    BlockSpec (or the scratch shape) has no head axis and the ref is that head already."""
+    return ref if count == 1 else ref.at[index]
 
 
 def _lanes(x: jax.Array, n: int) -> jax.Array:
@@ -307,6 +406,7 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
         qs_ref = ks_ref = None
     bq, bk, dp = cfg.block_q, cfg.block_k, q_ref.shape[-1]
+    nh, nkv, g = cfg.block_h, cfg.kv_heads_per_block, cfg.groups
     i, j, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
 
     @pl.when(j == 0)
@@ -316,8 +416,8 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def step(masked: bool) -> None:
-        s = _dot(q_ref[...], k_ref[...], _NT) * cfg.sm_scale  # [bq, bk]
-        if masked:
+        mask = None
+        if masked:  # one mask for all the program's heads
             mask = _mask(
                 (i * bq, bq),
                 (j * bk, bk),
@@ -327,28 +427,58 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
                 cfg,
                 kv_bound,
             )
-            s = jnp.where(mask, s, -jnp.inf)
-        m_prev, l_prev = m_scr[...], l_scr[...]  # [bq, 128], equal along lanes
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        # A row with every key masked so far keeps m = -inf; subtract 0 there (p = exp(-inf) = 0).
-        m_sub = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
-        p = jnp.exp(s - _lanes(m_sub, bk))
-        alpha = jnp.exp(m_prev - m_sub)  # 0 on a row's first visible tile
-        l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-        m_scr[...] = m_next
-        pv = _dot(p.astype(v_ref.dtype), v_ref[...], _NN)
-        acc_scr[...] = acc_scr[...] * _lanes(alpha, dp) + pv
+        for hh in range(nh):  # the program's query heads, one after another
+            m_h, l_h, acc_h = (_head(r, hh, nh) for r in (m_scr, l_scr, acc_scr))
+            v_h = _head(v_ref, hh // g, nkv)
+            s = _dot(_head(q_ref, hh, nh)[...], _head(k_ref, hh // g, nkv)[...], _NT) * cfg.sm_scale
+            if masked:
+                s = jnp.where(mask, s, -jnp.inf)  # [bq, bk]
+            m_prev, l_prev = m_h[...], l_h[...]  # [bq, 128], equal along lanes
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            # A row with every key masked so far keeps m = -inf; subtract 0 there (p = exp(-inf) = 0).
+            m_sub = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
+            p = jnp.exp(s - _lanes(m_sub, bk))
+            alpha = jnp.exp(m_prev - m_sub)  # 0 on a row's first visible tile
+            l_h[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+            m_h[...] = m_next
+            pv = _dot(p.astype(v_h.dtype), v_h[...], _NN)
+            acc_h[...] = acc_h[...] * _lanes(alpha, dp) + pv
 
     _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step)
 
     @pl.when(j == nk - 1)
     def _finish() -> None:
-        total = l_scr[...]
-        empty = total == 0.0  # no visible key: output 0, logsumexp +inf (so the backward p is 0)
-        inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, total))
-        o_ref[...] = (acc_scr[...] * _lanes(inv, dp)).astype(o_ref.dtype)
-        lse = m_scr[...] + jnp.log(jnp.where(empty, 1.0, total))
-        lse_ref[...] = jnp.where(empty, jnp.inf, lse)
+        for hh in range(nh):
+            total = _head(l_scr, hh, nh)[...]
+            empty = total == 0.0  # no visible key: output 0, logsumexp +inf (so the backward p is 0)
+            inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, total))
+            o_h = _head(o_ref, hh, nh)
+            o_h[...] = (_head(acc_scr, hh, nh)[...] * _lanes(inv, dp)).astype(o_h.dtype)
+            lse = _head(m_scr, hh, nh)[...] + jnp.log(jnp.where(empty, 1.0, total))
+            _head(lse_ref, hh, nh)[...] = jnp.where(empty, jnp.inf, lse)
+
+
+def _head_specs(cfg: _Config, dp: int, kv_block: Any) -> tuple[Any, Any, Any]:
+    """BlockSpecs of the forward and dq grids (B, H / block_h, q blocks, kv blocks): q-like
+    [B, H, Tqp, dp] arrays, k/v [B, Hkv, Tkp, dp], and [B, H, 1, Tqp] per-row arrays.
+
+    With block_h == 1 the head axis is squeezed; otherwise q-like blocks hold block_h heads and
+    k/v blocks either the one kv head that the block's heads share (block_h <= groups) or
+    block_h // groups kv heads (block_h > groups).
+    """
+    bq, bk, nh, g = cfg.block_q, cfg.block_k, cfg.block_h, cfg.groups
+    heads = None if nh == 1 else nh
+    q_spec = pl.BlockSpec((None, heads, bq, dp), lambda b_, h_, i, j: (b_, h_, i, 0))
+    row_spec = pl.BlockSpec((None, heads, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
+    if nh > g:  # kv head block h_ holds the kv heads of query head block h_
+        kv_spec = pl.BlockSpec(
+            (None, nh // g, bk, dp), lambda b_, h_, i, j: (b_, h_, kv_block(i, j), 0)
+        )
+    else:  # the kv head of the block's first query head
+        kv_spec = pl.BlockSpec(
+            (None, None, bk, dp), lambda b_, h_, i, j: (b_, lax.div(h_ * nh, g), kv_block(i, j), 0)
+        )
+    return q_spec, kv_spec, row_spec
 
 
 def _forward(
@@ -358,7 +488,7 @@ def _forward(
     """Kernel layout q [B, H, Tqp, D], k/v [B, Hkv, Tkp, D] -> (out like q, logsumexp [B, H, Tqp])."""
     b, h, tqp, dp = q.shape
     tkp = k.shape[2]
-    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    bq, bk, nh = cfg.block_q, cfg.block_k, cfg.block_h
     nq, nk = tqp // bq, tkp // bk
     segments = q_seg is not None
     kv_bound = tkp > cfg.kv_len and not cfg.causal  # causal already hides the padded keys
@@ -367,10 +497,7 @@ def _forward(
         # An invisible causal tile re-uses the last visible block: no new DMA for skipped steps.
         return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
 
-    q_spec = pl.BlockSpec((None, None, bq, dp), lambda b_, h_, i, j: (b_, h_, i, 0))
-    kv_spec = pl.BlockSpec(
-        (None, None, bk, dp), lambda b_, h_, i, j: (b_, lax.div(h_, g), kv_block(i, j), 0)
-    )
+    q_spec, kv_spec, _ = _head_specs(cfg, dp, kv_block)
     in_specs = [q_spec, kv_spec, kv_spec]
     args = [q, k, v]
     if segments:
@@ -379,14 +506,16 @@ def _forward(
             pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j: (b_, 0, kv_block(i, j))),
         ]
         args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
+    heads = None if nh == 1 else nh
     out_specs = [
-        pl.BlockSpec((None, None, bq, dp), lambda b_, h_, i, j: (b_, h_, i, 0)),
-        pl.BlockSpec((None, None, bq, NUM_LANES), lambda b_, h_, i, j: (b_, h_, i, 0)),
+        q_spec,
+        pl.BlockSpec((None, heads, bq, NUM_LANES), lambda b_, h_, i, j: (b_, h_, i, 0)),
     ]
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((b, h, tqp, NUM_LANES), jnp.float32),
     ]
+    head_axis = () if nh == 1 else (nh,)  # scratch: one set per head of the program
     itemsize = jnp.dtype(q.dtype).itemsize
     visible_frac = 0.5 if cfg.causal else 1.0
     cost = pl.CostEstimate(
@@ -396,14 +525,14 @@ def _forward(
     )
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
-        grid=(b, h, nq, nk),
+        grid=(b, h // nh, nq, nk),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=[
-            pltpu.VMEM((bq, NUM_LANES), jnp.float32),  # running max
-            pltpu.VMEM((bq, NUM_LANES), jnp.float32),  # running sum
-            pltpu.VMEM((bq, dp), jnp.float32),  # output accumulator
+            pltpu.VMEM((*head_axis, bq, NUM_LANES), jnp.float32),  # running max
+            pltpu.VMEM((*head_axis, bq, NUM_LANES), jnp.float32),  # running sum
+            pltpu.VMEM((*head_axis, bq, dp), jnp.float32),  # output accumulator
         ],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
@@ -425,6 +554,7 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
         q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, dq_ref, dq_scr = refs
         qs_ref = ks_ref = None
     bq, bk = cfg.block_q, cfg.block_k
+    nh, nkv, g = cfg.block_h, cfg.kv_heads_per_block, cfg.groups
     i, j, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
 
     @pl.when(j == 0)
@@ -432,9 +562,8 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
     def step(masked: bool) -> None:
-        k = k_ref[...]
-        s = _dot(q_ref[...], k, _NT) * cfg.sm_scale  # [bq, bk]
-        if masked:
+        mask = None
+        if masked:  # one mask for all the program's heads
             mask = _mask(
                 (i * bq, bq),
                 (j * bk, bk),
@@ -444,13 +573,18 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
                 cfg,
                 kv_bound,
             )
-            s = jnp.where(mask, s, -jnp.inf)
-        lse = lse_ref[0][:, None]  # [bq, 1]: row -> column
-        di = di_ref[0][:, None]
-        p = jnp.exp(s - lse)
-        dp_ = _dot(do_ref[...], v_ref[...], _NT)  # [bq, bk]
-        ds = p * (dp_ - di)
-        dq_scr[...] += _dot(ds.astype(k.dtype), k, _NN)
+        for hh in range(nh):  # the program's query heads, one after another
+            k = _head(k_ref, hh // g, nkv)[...]
+            s = _dot(_head(q_ref, hh, nh)[...], k, _NT) * cfg.sm_scale  # [bq, bk]
+            if masked:
+                s = jnp.where(mask, s, -jnp.inf)
+            lse = _head(lse_ref, hh, nh)[0][:, None]  # [bq, 1]: row -> column
+            di = _head(di_ref, hh, nh)[0][:, None]
+            p = jnp.exp(s - lse)
+            dp_ = _dot(_head(do_ref, hh, nh)[...], _head(v_ref, hh // g, nkv)[...], _NT)  # [bq, bk]
+            ds = p * (dp_ - di)
+            dq_h = _head(dq_scr, hh, nh)
+            dq_h[...] += _dot(ds.astype(k.dtype), k, _NN)
 
     _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step)
 
@@ -466,7 +600,7 @@ def _dkv_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
     else:
         q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
         qs_ref = ks_ref = None
-    bq, bk = cfg.block_q, cfg.block_k
+    bq, bk, nkv = cfg.block_q, cfg.block_k, cfg.block_hkv
     j, g, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
     ng, nq = pl.num_programs(3), pl.num_programs(4)
 
@@ -476,9 +610,8 @@ def _dkv_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
     def step(masked: bool) -> None:
-        q, do = q_ref[...], do_ref[...]
-        s = _dot(k_ref[...], q, _NT) * cfg.sm_scale  # transposed scores [bk, bq]
-        if masked:
+        mask = None
+        if masked:  # one mask for all the program's kv heads
             mask = _mask(
                 (j * bk, bk),
                 (i * bq, bq),
@@ -488,12 +621,17 @@ def _dkv_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
                 cfg,
                 kv_bound,
             )
-            s = jnp.where(mask, s, -jnp.inf)
-        p = jnp.exp(s - lse_ref[...])  # lse row [1, bq] broadcasts over the kv rows
-        dv_scr[...] += _dot(p.astype(do.dtype), do, _NN)
-        dp_ = _dot(v_ref[...], do, _NT)  # [bk, bq]
-        ds = p * (dp_ - di_ref[...])
-        dk_scr[...] += _dot(ds.astype(q.dtype), q, _NN)
+        for c in range(nkv):  # the program's kv heads (each with query head g of its group)
+            q, do = _head(q_ref, c, nkv)[...], _head(do_ref, c, nkv)[...]
+            s = _dot(_head(k_ref, c, nkv)[...], q, _NT) * cfg.sm_scale  # transposed scores [bk, bq]
+            if masked:
+                s = jnp.where(mask, s, -jnp.inf)
+            p = jnp.exp(s - _head(lse_ref, c, nkv)[...])  # lse row [1, bq] broadcasts over kv rows
+            dv_h, dk_h = _head(dv_scr, c, nkv), _head(dk_scr, c, nkv)
+            dv_h[...] += _dot(p.astype(do.dtype), do, _NN)
+            dp_ = _dot(_head(v_ref, c, nkv)[...], do, _NT)  # [bk, bq]
+            ds = p * (dp_ - _head(di_ref, c, nkv)[...])
+            dk_h[...] += _dot(ds.astype(q.dtype), q, _NN)
 
     _run_blocks(i, j, cfg, segments, kv_bound, j == pl.num_programs(2) - 1, step)
 
@@ -511,6 +649,7 @@ def _backward(
     b, h, tqp, dp = q.shape
     hkv, tkp = k.shape[1], k.shape[2]
     bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
+    nh, nkv = cfg.block_h, cfg.block_hkv
     nq, nk = tqp // bq, tkp // bk
     segments = q_seg is not None
     kv_bound = tkp > cfg.kv_len and not cfg.causal
@@ -521,15 +660,11 @@ def _backward(
     visible_frac = 0.5 if cfg.causal else 1.0
     tile_flops = b * h * tqp * tkp * dp * visible_frac
 
-    # ---- dq: grid (B, H, q blocks, kv blocks), reduce over kv blocks.
+    # ---- dq: grid (B, H / block_h, q blocks, kv blocks), reduce over kv blocks.
     def kv_block(i: Any, j: Any) -> Any:
         return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
 
-    q_spec = pl.BlockSpec((None, None, bq, dp), lambda b_, h_, i, j: (b_, h_, i, 0))
-    kv_spec = pl.BlockSpec(
-        (None, None, bk, dp), lambda b_, h_, i, j: (b_, lax.div(h_, g), kv_block(i, j), 0)
-    )
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
+    q_spec, kv_spec, row_spec = _head_specs(cfg, dp, kv_block)
     in_specs = [q_spec, kv_spec, kv_spec]
     args = [q, k, v]
     if segments:
@@ -540,13 +675,14 @@ def _backward(
         args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
     in_specs += [row_spec, row_spec, q_spec]
     args += [lse_rows, di_rows, do]
+    head_axis = () if nh == 1 else (nh,)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
-        grid=(b, h, nq, nk),
+        grid=(b, h // nh, nq, nk),
         in_specs=in_specs,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((*head_axis, bq, dp), jnp.float32)],
         compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
             flops=int(6 * tile_flops),
@@ -557,21 +693,26 @@ def _backward(
         name="flash_attention_dq",
     )(*args)
 
-    # ---- dk/dv: grid (B, Hkv, kv blocks, group, q blocks), reduce over the group's heads and q.
+    # ---- dk/dv: grid (B, Hkv / block_hkv, kv blocks, group, q blocks), reduce over the group's
+    # heads and q. The query-side arrays are viewed as [B, Hkv, group, ...] (a free reshape) so that
+    # a block can hold query head g_ of block_hkv consecutive kv heads.
     def q_block(j: Any, i: Any) -> Any:
         # Invisible causal tiles re-use the first visible q block: no new DMA for skipped steps.
         return jnp.maximum(i, _first_visible_q_block(j, cfg, nq)) if cfg.causal else i
 
-    def q_index(b_: Any, hk: Any, j: Any, g_: Any, i: Any) -> tuple[Any, ...]:
-        return (b_, hk * g + g_, q_block(j, i), 0)
+    def grouped(x: jax.Array) -> jax.Array:  # [B, H, ...] -> [B, Hkv, group, ...]
+        return x.reshape(b, hkv, g, *x.shape[2:])
 
-    qd_spec = pl.BlockSpec((None, None, bq, dp), q_index)
-    kvd_spec = pl.BlockSpec((None, None, bk, dp), lambda b_, hk, j, g_, i: (b_, hk, j, 0))
+    heads = None if nkv == 1 else nkv
+    qd_spec = pl.BlockSpec(
+        (None, heads, None, bq, dp), lambda b_, hk, j, g_, i: (b_, hk, g_, q_block(j, i), 0)
+    )
+    kvd_spec = pl.BlockSpec((None, heads, bk, dp), lambda b_, hk, j, g_, i: (b_, hk, j, 0))
     rowd_spec = pl.BlockSpec(
-        (None, None, 1, bq), lambda b_, hk, j, g_, i: (b_, hk * g + g_, 0, q_block(j, i))
+        (None, heads, None, 1, bq), lambda b_, hk, j, g_, i: (b_, hk, g_, 0, q_block(j, i))
     )
     in_specs = [qd_spec, kvd_spec, kvd_spec]
-    args = [q, k, v]
+    args = [grouped(q), k, v]
     if segments:
         in_specs += [
             pl.BlockSpec((None, NUM_SUBLANES, bq), lambda b_, hk, j, g_, i: (b_, 0, q_block(j, i))),
@@ -579,14 +720,18 @@ def _backward(
         ]
         args += [_sublanes_ids(q_seg), _lanes_ids(kv_seg)]
     in_specs += [rowd_spec, rowd_spec, qd_spec]
-    args += [lse_rows, di_rows, do]
+    args += [grouped(lse_rows), grouped(di_rows), grouped(do)]
+    head_axis = () if nkv == 1 else (nkv,)
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
-        grid=(b, hkv, nk, g, nq),
+        grid=(b, hkv // nkv, nk, g, nq),
         in_specs=in_specs,
         out_specs=[kvd_spec, kvd_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((*head_axis, bk, dp), jnp.float32),  # dk accumulator
+            pltpu.VMEM((*head_axis, bk, dp), jnp.float32),  # dv accumulator
+        ],
         compiler_params=_compiler_params(
             ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
         ),
