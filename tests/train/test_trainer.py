@@ -79,7 +79,7 @@ def test_non_finite_loss_skips_the_update_and_stops(tiny_clip_config, tmp_path):
         config.optim.warmup_steps = 0
         config.optim.clip_norm = 0.0
         config.train.max_nonfinite_steps = 2
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at steps"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at steps"):
         train(config, str(tmp_path / "run"))
 
 

@@ -68,7 +68,8 @@ class _Preemption:
 
 
 class _NonFiniteGuard:
-    """Reports steps whose update was skipped for a non-finite loss; raises after `limit` in a row."""
+    """Reports steps whose update was skipped for a non-finite loss or gradient; raises after `limit`
+    in a row."""
 
     def __init__(self, limit: int, verbose: bool):
         self.limit, self.verbose = limit, verbose
@@ -90,13 +91,16 @@ class _NonFiniteGuard:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        message = f"step {step}: non-finite loss ({float(metrics['loss'])}); update skipped"
+        message = (
+            f"step {step}: non-finite loss or gradient (loss {float(metrics['loss'])}, gradient norm "
+            f"{float(metrics['grad_norm'])}); update skipped"
+        )
         log.warning(message)
         if self.verbose:
             print(message, flush=True)
         if self.in_a_row >= self.limit:
             raise NonFiniteLossError(
-                f"non-finite loss at steps {step - self.in_a_row + 1}..{step}; the state keeps its "
+                f"non-finite loss or gradient at steps {step - self.in_a_row + 1}..{step}; the state keeps its "
                 "last finite value"
             )
 
