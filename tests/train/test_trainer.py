@@ -83,6 +83,9 @@ def test_non_finite_loss_skips_the_update_and_stops(tiny_clip_config, tmp_path):
         train(config, str(tmp_path / "run"))
 
 
+# The default suite covers SIGTERM through tests/parallel/test_multihost.py (one of two processes
+# signalled: both save the same step and exit 0); this one-process variant runs with -m slow.
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tiny_clip_config, tmp_path):
     config = tiny_clip_config.copy_and_resolve_references()
     with config.unlocked():
