@@ -73,6 +73,48 @@ class PositionEmbedding(nn.Module):
         return x.astype(self.dtype) + pos[:t].astype(self.dtype)
 
 
+class TokenEmbedding(nn.Module):
+    """Token ids [...] -> [..., features] in `dtype`; `attend(x)` = x @ table.T (tied output heads).
+
+    Param `embedding` [vocab, features] (float32, logical axes ("vocab", "embed"); the name and
+    layout of nn.Embed, so checkpoints and converted weights are the same). The lookup first
+    gathers the table's feature axis (as FSDP gathers any weight before use) but keeps it split
+    over vocab, so each "vocab" shard looks up the ids in its own rows and the shards' partial rows
+    are summed (a vocab-parallel embedding, the gradient stays split the same way); the output is
+    sharded like any activation ("batch", "length", "embed"). Left to itself, XLA's partitioner
+    looked rows up in the table still split over vocab and features, got an output split over
+    features, and could only reach the batch sharding by replicating the whole [batch, length,
+    features] activation ("involuntary full rematerialization") every step.
+    """
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    stddev: float = 0.02
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(self.stddev), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids int [...] -> [..., features]; ids outside [0, vocab) give NaN rows (jnp.take's fill)."""
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"token ids must be integers, got {ids.dtype}")
+        table = nn.with_logical_constraint(self.embedding.astype(self.dtype), ("vocab", None))  # see above
+        out = jnp.take(table, ids, axis=0)
+        if out.ndim == 3:
+            out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return out
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """query [..., features] -> logits [..., vocab] against the same table."""
+        return jnp.dot(query.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
 def token_embedding(
     vocab_size: int,
     width: int,
@@ -80,18 +122,9 @@ def token_embedding(
     dtype: Any = jnp.float32,
     stddev: float = 0.02,
     name: str | None = None,
-) -> nn.Embed:
-    """nn.Embed ids [B, T] -> [B, T, width]; its table is `embedding` [vocab, width] (decayed)."""
-    return nn.Embed(
-        vocab_size,
-        width,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(stddev), ("vocab", "embed")
-        ),
-        name=name,
-    )
+) -> TokenEmbedding:
+    """ids [B, T] -> [B, T, width]; its table is `embedding` [vocab, width] (decayed)."""
+    return TokenEmbedding(vocab_size, width, dtype=dtype, stddev=stddev, name=name)
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
