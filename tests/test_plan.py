@@ -111,6 +111,9 @@ def test_tiny_clip_compiles_on_a_2x2x2_mesh():
     assert result["task"] == "contrastive" and result["fits"]
     assert result["temp_bytes"] > 0 and result["flops_per_step"] > 0
     assert result["step"]["batch_bytes_per_device"] == 4 * (32 * 32 * 3 * 4 + 2 * 20 * 4)  # + hard negatives
+    # fsdp gathers weights and reduces gradients; nothing had to be replicated to be resharded.
+    assert {"all-gather", "all-reduce"} <= set(result["step"]["collectives"])
+    assert result["step"]["spmd_full_rematerializations"] == 0
 
 
 def test_devices_and_mesh_parsing():
@@ -132,3 +135,7 @@ def test_mesh_larger_than_the_process_runs_in_a_child(tmp_path):
     assert result["num_devices"] == 16
     assert "16 devices" in result["compiled_on"]
     assert result["per_device_batch"] == 2 and result["temp_bytes"] > 0
+    # With tensor > 1 the token embedding's lookup used to leave XLA no way to reshard its output
+    # but replicating it (2 warnings); the vocab-parallel lookup has none.
+    assert result["step"]["spmd_full_rematerializations"] == 0
+    assert "collectives       all-gather" in plan_lib.format_plan(result)

@@ -67,6 +67,7 @@ from collections.abc import Sequence
 from typing import Any
 
 GiB = 1024**3
+MiB = 1024**2
 GB = 10**9
 _CHILD_ENV = "VLM_JAX_PLAN_CHILD"
 
@@ -558,6 +559,7 @@ def compile_step(s: Setup, rows: int, length: int | None, attention: tuple[str, 
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from vlm_jax.parallel import compiled as compiled_lib
     from vlm_jax.parallel import hosts
     from vlm_jax.train.trainer import jit_train_step, sharding_context
 
@@ -575,7 +577,10 @@ def compile_step(s: Setup, rows: int, length: int | None, attention: tuple[str, 
             traced = step.trace(s.abstract_state, batch, rng)
             lowered = traced.lower()
         traced_s = time.perf_counter() - start
-        compiled = lowered.compile(compiler_options=compiler_options or None)
+        # XLA's partitioner warnings go to the native stderr: read them (and pass them on only
+        # with VLM_JAX_PLAN_XLA_LOGS=1, as the child process's are).
+        with compiled_lib.capture_native_stderr(passthrough=_show_xla_logs()) as xla_log:
+            compiled = lowered.compile(compiler_options=compiler_options or None)
         compile_s = time.perf_counter() - start - traced_s
     flops, unknown_loops = jaxpr_flops(traced.jaxpr)
     mem = compiled.memory_analysis()
@@ -588,6 +593,9 @@ def compile_step(s: Setup, rows: int, length: int | None, attention: tuple[str, 
         "jaxpr_flops_has_while_loops": unknown_loops,
         "compiler_flops_per_device": _compiler_flops(compiled),
         "attention": sorted({impl for impl, _ in calls}),
+        "collectives": compiled_lib.collective_stats(compiled.as_text()),
+        "spmd_full_rematerializations": compiled_lib.spmd_full_rematerializations(xla_log.text),
+        "xla_log_lines": len(xla_log.text.splitlines()),
     }
     if mem is not None:
         out.update(
@@ -818,6 +826,10 @@ def _child_env(num_devices: int) -> dict[str, str]:
     return env
 
 
+def _show_xla_logs() -> bool:
+    return bool(os.environ.get("VLM_JAX_PLAN_XLA_LOGS"))
+
+
 def plan_in_subprocess(config, mesh_cfg: dict[str, int], device: Device, **kwargs) -> dict[str, Any]:
     """plan() in a fresh `python -m vlm_jax.plan` with as many fake CPU devices as the mesh has."""
     with tempfile.TemporaryDirectory(prefix="vlm_jax_plan_") as tmp:
@@ -830,7 +842,7 @@ def plan_in_subprocess(config, mesh_cfg: dict[str, int], device: Device, **kwarg
                                 stderr=subprocess.PIPE, text=True)
         # The child's progress lines pass through; XLA's own log lines (the SPMD partitioner's
         # warnings, say) only with VLM_JAX_PLAN_XLA_LOGS=1, else they are counted.
-        show_all = bool(os.environ.get("VLM_JAX_PLAN_XLA_LOGS"))
+        show_all = _show_xla_logs()
         tail: collections.deque[str] = collections.deque(maxlen=200)
         hidden = 0
         for line in proc.stderr:
@@ -933,6 +945,7 @@ def format_plan(r: dict[str, Any]) -> str:
     if r.get("compiler_flops_per_device") is not None:
         lines.append(f"                    XLA cost_analysis {_flops(r['compiler_flops_per_device'])} per device "
                      "(counts each loop body once: low for scanned layers)")
+    lines += _communication_lines(step)
     impls = ", ".join(step.get("attention") or []) or "none"
     mode = r["attention_mode"]
     if mode == "target":
@@ -950,6 +963,21 @@ def format_plan(r: dict[str, Any]) -> str:
         lines.append("  note              JAX on GPU preallocates 75% of memory by default; "
                      "XLA_PYTHON_CLIENT_MEM_FRACTION=.95 lets a run use the rest")
     return "\n".join(lines)
+
+
+def _communication_lines(step: dict[str, Any]) -> list[str]:
+    """The collectives of the compiled step and the partitioner's full rematerializations."""
+    stats = step.get("collectives")
+    if stats is None:
+        return []
+    parts = [f"{op} {v['bytes'] / MiB:,.2f} MiB ({v['count']})" for op, v in sorted(stats.items())]
+    lines = [f"  collectives       {', '.join(parts) or 'none'}",
+             "                    (per device, from the compiled step: op result bytes (ops); loop bodies once)"]
+    n = step.get("spmd_full_rematerializations", 0)
+    if n:
+        lines.append(f"  SPMD warnings     {n} involuntary full rematerialization(s): XLA replicates an array to "
+                     "reshard it; check the sharding rules (VLM_JAX_PLAN_XLA_LOGS=1 shows them)")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
