@@ -194,11 +194,12 @@ def test_sharded_init_and_apply_under_a_mesh():
 
 def test_token_embedding_is_nn_embed_with_a_vocab_parallel_lookup():
     """Same param tree and values as nn.Embed (checkpoints and converters unchanged); on a 2x2x2
-    mesh the table stays split over vocab (tensor), the output comes out batch-sharded, and the
-    values and table gradient equal the single-device ones."""
+    mesh the lookup is the explicit vocab-parallel one, its output is batch-sharded, and the values
+    and the table gradient (which stays split like the table) equal the single-device ones."""
     from jax.sharding import Mesh, PartitionSpec
 
     from vlm_jax.config_defaults import DEFAULT_RULES
+    from vlm_jax.layers import embeddings
     from vlm_jax.layers.embeddings import token_embedding
     from vlm_jax.parallel.rules import mesh_shardings
 
@@ -219,15 +220,23 @@ def test_token_embedding_is_nn_embed_with_a_vocab_parallel_lookup():
         return jnp.sum(jnp.sin(ours.apply(v, ids)))
 
     expected = jax.value_and_grad(loss)(variables, ids)
+    expected_rows = ours.apply(variables, ids)
     rules = [tuple(r) for r in DEFAULT_RULES]
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     shardings = mesh_shardings(jax.eval_shape(ours.init, _key(0), ids), mesh, rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        # The explicit vocab-parallel lookup: ids gathered over fsdp, rows summed over tensor.
+        plan = embeddings._lookup_plan((64, 16), (8, 6))
+        assert plan == dict(vocab=("tensor",), embed=("fsdp",), batch=("data", "fsdp"), gather=("fsdp",))
+        assert embeddings._lookup_plan((64, 16), (2, 6)) is None  # 2 rows: XLA's gather decides
         sharded = jax.device_put(variables, shardings)
         batch = jax.device_put(ids, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
         out = jax.jit(ours.apply)(sharded, batch)
         value, grads = jax.jit(jax.value_and_grad(loss))(sharded, batch)
+        np.testing.assert_array_equal(jax.jit(ours.apply)(sharded, ids[:2]), expected_rows[:2])
     assert sharded["params"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
     assert out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_array_equal(out, expected_rows)
+    assert grads["params"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")  # never gathered
     np.testing.assert_allclose(value, expected[0], rtol=1e-5)
     np.testing.assert_allclose(grads["params"]["embedding"], expected[1]["params"]["embedding"], rtol=1e-5, atol=1e-6)

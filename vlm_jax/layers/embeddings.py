@@ -73,18 +73,81 @@ class PositionEmbedding(nn.Module):
         return x.astype(self.dtype) + pos[:t].astype(self.dtype)
 
 
+def _axes(entry: Any) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> dict[str, Any] | None:
+    """The mesh axes of a vocab-parallel lookup under the current mesh and logical rules, or None
+    when there is no mesh or the layout is not one `_vocab_parallel_lookup` handles.
+
+    vocab: the axes splitting the table's rows; embed: its columns; batch: the ids' rows; gather:
+    the embed axes that also split the batch (the ids are gathered over them and the rows sent
+    back with an all-to-all).
+    """
+    from vlm_jax.parallel.rules import _fit
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or len(ids_shape) != 2:
+        return None
+    table_spec = _fit(nn.logical_to_mesh_axes(("vocab", "embed")), table_shape, mesh)
+    ids_spec = _fit(nn.logical_to_mesh_axes(("batch", "length")), ids_shape, mesh)
+    vocab, embed = (_axes(table_spec[i]) if i < len(table_spec) else () for i in range(2))
+    batch = _axes(ids_spec[0]) if len(ids_spec) else ()
+    if len(ids_spec) > 1 and _axes(ids_spec[1]):
+        return None  # sequence-sharded ids: leave it to XLA
+    gather = tuple(a for a in embed if a in batch)
+    if not vocab or set(vocab) & (set(embed) | set(batch)) or gather != embed:
+        # No vocab split (a plain gather is local), or axes shared in ways the all-to-all below
+        # would not undo; XLA's partitioner decides.
+        return None
+    return dict(vocab=vocab, embed=embed, batch=batch, gather=gather)
+
+
+def _vocab_parallel_lookup(table: jax.Array, ids: jax.Array, plan: dict[str, Any]) -> jax.Array:
+    """table [V, E] split (vocab, embed), ids [B, L] split (batch, -) -> [B, L, E] split (batch, -, -).
+
+    Per device: gather the ids of the devices that share its batch rows' embed columns (tiny:
+    ints), look up those ids that fall in its own vocab rows (zeros elsewhere), sum over the vocab
+    shards, and send each device back its own rows with all their columns (an all-to-all of
+    activation size). The table never moves, and its gradient stays split the same way.
+    """
+    vocab, embed, batch, gather = plan["vocab"], plan["embed"], plan["batch"], plan["gather"]
+    spec = jax.sharding.PartitionSpec
+
+    def body(table_shard: jax.Array, ids_shard: jax.Array) -> jax.Array:
+        if gather:
+            ids_shard = jax.lax.all_gather(ids_shard, gather, axis=0, tiled=True)
+        rows_here = table_shard.shape[0]
+        local = ids_shard - jax.lax.axis_index(vocab) * rows_here
+        inside = (local >= 0) & (local < rows_here)
+        out = jnp.take(table_shard, jnp.where(inside, local, 0), axis=0) * inside[..., None]
+        out = jax.lax.psum(out, vocab)
+        if gather:
+            out = jax.lax.all_to_all(out, gather, split_axis=0, concat_axis=2, tiled=True)
+        return out
+
+    return jax.shard_map(
+        body,
+        in_specs=(spec(vocab, embed), spec(batch, None)),
+        out_specs=spec(batch, None, None),
+    )(table, ids)
+
+
 class TokenEmbedding(nn.Module):
     """Token ids [...] -> [..., features] in `dtype`; `attend(x)` = x @ table.T (tied output heads).
 
     Param `embedding` [vocab, features] (float32, logical axes ("vocab", "embed"); the name and
-    layout of nn.Embed, so checkpoints and converted weights are the same). The lookup first
-    gathers the table's feature axis (as FSDP gathers any weight before use) but keeps it split
-    over vocab, so each "vocab" shard looks up the ids in its own rows and the shards' partial rows
-    are summed (a vocab-parallel embedding, the gradient stays split the same way); the output is
-    sharded like any activation ("batch", "length", "embed"). Left to itself, XLA's partitioner
-    looked rows up in the table still split over vocab and features, got an output split over
-    features, and could only reach the batch sharding by replicating the whole [batch, length,
-    features] activation ("involuntary full rematerialization") every step.
+    layout of nn.Embed, so checkpoints and converted weights are the same).
+
+    Under a mesh whose rules split the table over vocab (tensor parallelism) the lookup is
+    vocab-parallel and explicit (`_vocab_parallel_lookup`): communication of activation size, none
+    of the table. Left to XLA's partitioner, a gather from a table split over both axes came out
+    split over features, and on some meshes (data=2, fsdp=2, tensor=2, for TinyLlama as for the
+    tiny configs) it could only reshard that by replicating whole [batch, length, features]
+    activations ("involuntary full rematerialization", reported by `vlm-jax plan`).
+    Out-of-range ids give NaN rows without a mesh (jnp.take's fill) and zero rows with one.
     """
 
     num_embeddings: int
@@ -101,11 +164,15 @@ class TokenEmbedding(nn.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids int [...] -> [..., features]; ids outside [0, vocab) give NaN rows (jnp.take's fill)."""
+        """ids int [...] -> [..., features]."""
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"token ids must be integers, got {ids.dtype}")
-        table = nn.with_logical_constraint(self.embedding.astype(self.dtype), ("vocab", None))  # see above
-        out = jnp.take(table, ids, axis=0)
+        table = self.embedding.astype(self.dtype)
+        plan = _lookup_plan(table.shape, ids.shape)
+        if plan is None:
+            out = jnp.take(table, ids, axis=0)
+        else:
+            out = _vocab_parallel_lookup(table, ids, plan)
         if out.ndim == 3:
             out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         return out
