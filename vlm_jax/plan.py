@@ -443,6 +443,10 @@ def _compiler_flops(compiled) -> float | None:
 # The step, abstractly.
 
 
+# Tasks whose batches are images and their tokenized captions (vlm_jax.data.pipeline).
+IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption")
+
+
 def example_batch(config, rows: int, length: int | None = None) -> dict[str, tuple[tuple, Any]]:
     """{name: (shape, dtype)} of a training batch of `rows` for config.task.name, as the input
     pipelines make it (vlm_jax.data.pipeline / vlm_jax.data.text)."""
@@ -457,7 +461,7 @@ def example_batch(config, rows: int, length: int | None = None) -> dict[str, tup
         return batch
     size = int(config.data.image_size)
     batch = {"image": ((rows, size, size, 3), np.float32)}
-    if task == "contrastive":
+    if task in IMAGE_TEXT_TASKS:
         text = int(length or config.data.text_length)
         batch["tokens"] = ((rows, text), np.int32)
         if config.data.get("hard_negatives", False):
@@ -465,7 +469,8 @@ def example_batch(config, rows: int, length: int | None = None) -> dict[str, tup
     elif task == "classification":
         batch["label"] = ((rows,), np.int32)
     else:
-        raise ValueError(f"plan knows no batch for task {task!r} (lm, contrastive, classification)")
+        known = ", ".join(("lm", *IMAGE_TEXT_TASKS, "classification"))
+        raise ValueError(f"plan knows no batch for task {task!r} ({known})")
     return batch
 
 
@@ -642,7 +647,7 @@ def _in_process(config, mesh_cfg, device: Device, *, batch, length, headroom, at
         if length is not None:
             config.data.text_length = int(length)
     rows = int(config.data.batch_size)
-    length = int(config.data.text_length) if config.task.name in ("lm", "contrastive") else None
+    length = int(config.data.text_length) if config.task.name in ("lm", *IMAGE_TEXT_TASKS) else None
     s = setup(config, mesh_cfg)
     accum = int(config.optim.get("accum_steps", 1))
     step_rows = s.batch_shards * accum  # the global batch moves in these steps
