@@ -139,3 +139,11 @@ def test_mesh_larger_than_the_process_runs_in_a_child(tmp_path):
     # but replicating it (2 warnings); the vocab-parallel lookup has none.
     assert result["step"]["spmd_full_rematerializations"] == 0
     assert "collectives       all-gather" in plan_lib.format_plan(result)
+
+
+@pytest.mark.parametrize("name", ["coca", "show_attend_tell"])
+def test_image_text_tasks_have_plan_batches(name):
+    config = config_lib.load(f"configs/{name}.py:tiny")
+    batch = plan_lib.example_batch(config, 4)
+    assert batch["image"][0] == (4, config.data.image_size, config.data.image_size, 3)
+    assert batch["tokens"] == ((4, config.data.text_length), np.int32)
