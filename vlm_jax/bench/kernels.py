@@ -15,7 +15,9 @@ Columns: "xla" = `vlm_jax.kernels.attention(impl="xla")`; "cudnn" =
 `jax.nn.dot_product_attention(implementation="cudnn")`; "jax mha" = JAX's own Pallas Triton kernel
 `jax.experimental.pallas.ops.gpu.attention.mha`; "ours" = `vlm_jax.kernels.attention` with
 impl "pallas_gpu" on a GPU, "pallas_tpu" on a TPU (and "pallas_gpu" on CPU, where only
-`--interpret` can run it).
+`--interpret` can run it); "ours, 1 head/program" = the same kernel's `mha` with `block_h=1`
+(and `block_hkv=1` on a TPU), for sequences of at most SHORT_SEQUENCE tokens, where "ours" runs
+several heads per program: the comparison that tells whether that pays.
 
 VQ lookup (`vlm_jax.kernels.vq_nearest`): median time, the compiled executable's temp bytes
 (`memory_analysis()`, every backend), the device's peak-bytes rise over the run (GPU/TPU, where
@@ -48,13 +50,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_SHAPES = ((4, 4096, 16, 128), (16, 1024, 16, 64), (256, 197, 12, 64))
+# The issue's three shapes and CLIP's text tower (ViT-B/16 CLIP: width 512, 8 heads, context 77).
+ATTENTION_SHAPES = ((4, 4096, 16, 128), (16, 1024, 16, 64), (256, 197, 12, 64), (256, 77, 8, 64))
 SMALL_ATTENTION_SHAPES = ((1, 128, 2, 64), (2, 37, 2, 32))  # Aligned, and a length no block divides.
 VQ_SHAPES = ((65536, 256, 8192), (262144, 64, 1024))
 SMALL_VQ_SHAPES = ((512, 32, 128),)
-ATTENTION_IMPLS = ("xla", "cudnn", "jax_mha", "ours")
+ATTENTION_IMPLS = ("xla", "cudnn", "jax_mha", "ours", "ours_h1")
+# Sequences up to this long get several heads per program from our kernels' defaults; the
+# "ours_h1" column forces one head per program there (for the comparison), and is n/a above it.
+SHORT_SEQUENCE = 256
 VQ_IMPLS = ("xla", "ours")
-COLUMN_TITLES = {"xla": "xla", "cudnn": "cudnn", "jax_mha": "jax pallas mha", "ours": "ours"}
+COLUMN_TITLES = {"xla": "xla", "cudnn": "cudnn", "jax_mha": "jax pallas mha", "ours": "ours",
+                 "ours_h1": "ours, 1 head/program"}
 # A timed sample repeats the call until it lasts this long, so dispatch overhead does not dominate
 # the sub-millisecond kernels; the median is taken over --repeats such samples.
 MIN_SAMPLE_S = 0.01
@@ -211,6 +218,14 @@ def attention_fn(impl: str, *, causal: bool, sm_scale: float, interpret: bool, o
         return lambda q, k, v: kernels_attention(
             q, k, v, causal=causal, sm_scale=sm_scale, impl=name, interpret=interpret
         )
+    if impl == "ours_h1":
+        name = ours_impl(ours)
+        _check_pallas_backend(name, interpret)
+        module = importlib.import_module(f"vlm_jax.kernels.attention.{name}")
+        one_head = dict(block_h=1, block_hkv=1) if name == "pallas_tpu" else dict(block_h=1)
+        return lambda q, k, v: module.mha(
+            q, k, v, causal=causal, sm_scale=sm_scale, interpret=interpret, **one_head
+        )
     raise ValueError(f"unknown attention column {impl!r}")
 
 
@@ -330,9 +345,11 @@ def bench_attention(
             for impl in ATTENTION_IMPLS:
                 fwd_row = dict(base, impl=impl, **{"pass": "fwd"}, flops=flops)
                 bwd_row = dict(base, impl=impl, **{"pass": "fwd+bwd"}, flops=3.5 * flops)
-                if impl == "ours":
+                if impl in ("ours", "ours_h1"):
                     fwd_row["impl_name"] = bwd_row["impl_name"] = ours_impl(ours)
                 try:
+                    if impl == "ours_h1" and s > SHORT_SEQUENCE:
+                        raise Unavailable("long sequences: ours runs one head per program already")
                     fn = attention_fn(impl, causal=causal, sm_scale=sm_scale, interpret=interpret, ours=ours)
                 except Exception as e:  # Unavailable here: both passes say so.
                     status, reason = _classify(e, peer=impl in ("cudnn", "jax_mha"))
@@ -486,6 +503,13 @@ def ratios(rows: Sequence[dict[str, Any]], target: tuple[int, int, int, int] | N
                 ours = _find(rows, impl="ours", causal=causal, **{"pass": pass_}, **at)
                 other = _find(rows, impl=peer, causal=causal, **{"pass": pass_}, **at)
                 out[f"ours/{peer} {pass_} {'causal' if causal else 'full'}"] = ratio(ours, other, "tflops")
+    for row in rows:  # Short sequences: what several heads per program bring, and ours against xla
+        # (which impl="auto" picks there on a GPU until this table says otherwise).
+        if row["section"] == "attention" and row["impl"] == "ours" and row["S"] <= SHORT_SEQUENCE:
+            at = {k: row[k] for k in ("section", "B", "S", "H", "D", "causal", "pass")}
+            name = f"B{row['B']} S{row['S']} {row['pass']} {'causal' if row['causal'] else 'full'}"
+            for peer in ("ours_h1", "xla"):
+                out[f"ours/{peer} {name}"] = ratio(row, _find(rows, impl=peer, **at), "tflops")
     for row in rows:
         if row["section"] == "vq" and row["impl"] == "ours":
             xla = _find(rows, section="vq", impl="xla", N=row["N"], d=row["d"], K=row["K"], dtype=row["dtype"])
