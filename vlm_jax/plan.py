@@ -677,6 +677,8 @@ def _in_process(config, mesh_cfg, device: Device, *, batch, length, headroom, at
             compiles[per_device] = r
             say(f"  compiled in {r['compile_s']:.1f} s (traced in {r['trace_s']:.1f} s); "
                 f"peak {r.get('peak_bytes', 0) / GiB:.2f} GiB per device")
+            if r["xla_log_lines"] and not _show_xla_logs():
+                say(f"  {r['xla_log_lines']} lines of XLA's log hidden (VLM_JAX_PLAN_XLA_LOGS=1 shows them)")
         return compiles[per_device]
 
     per_device = rows // s.batch_shards
