@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.parallel.rules import fit_spec
+
 
 class PatchEmbedding(nn.Module):
     """Non-overlapping p x p patches -> width: [B, H, W, C] -> [B, (H/p)*(W/p), width].
@@ -86,13 +88,11 @@ def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> di
     the embed axes that also split the batch (the ids are gathered over them and the rows sent
     back with an all-to-all).
     """
-    from vlm_jax.parallel.rules import _fit
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or len(ids_shape) != 2:
         return None
-    table_spec = _fit(nn.logical_to_mesh_axes(("vocab", "embed")), table_shape, mesh)
-    ids_spec = _fit(nn.logical_to_mesh_axes(("batch", "length")), ids_shape, mesh)
+    table_spec = fit_spec(nn.logical_to_mesh_axes(("vocab", "embed")), table_shape, mesh)
+    ids_spec = fit_spec(nn.logical_to_mesh_axes(("batch", "length")), ids_shape, mesh)
     vocab, embed = (_axes(table_spec[i]) if i < len(table_spec) else () for i in range(2))
     batch = _axes(ids_spec[0]) if len(ids_spec) else ()
     if len(ids_spec) > 1 and _axes(ids_spec[1]):

@@ -23,7 +23,7 @@ def as_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Any) -> PartitionSpec:
     """Drops mesh axes from dims they do not divide (tiny models on big meshes stay valid)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -62,7 +62,7 @@ def mesh_shardings(abstract_tree: Any, mesh: Mesh, rules: Any) -> Any:
         shape = getattr(leaf, "shape", ())
         spec = spec if isinstance(spec, PartitionSpec) else PartitionSpec()
         mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else PartitionSpec()
-        return NamedSharding(mesh, _fit(mesh_spec, shape, mesh))
+        return NamedSharding(mesh, fit_spec(mesh_spec, shape, mesh))
 
     # Leaf by leaf: nn.logical_to_mesh on the whole tree would take empty tuple nodes (optax's
     # MaskedNode for frozen params) for specs.
