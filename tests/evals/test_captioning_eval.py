@@ -59,6 +59,9 @@ def test_metrics_keys_ranges_and_captions(setup):
     assert len(out) == 4 * len(METRICS)
     assert len(ev.last_captions) == 64 and all(isinstance(c, str) for c in ev.last_captions)
     first = list(ev.last_captions)
+    samples = ev.samples()  # what the trainer writes to <workdir>/samples/val_step<N>.jsonl
+    assert [s["caption"] for s in samples] == first and [s["image"] for s in samples] == list(range(64))
+    assert all(s["references"] == ev.references[s["image"]] for s in samples)
     # An empty model state decodes the same way.
     assert ev(params, {"batch_stats": {}})["val/CIDEr"] == out["val/CIDEr"] and ev.last_captions == first
     # The padded last batch (64 = 24 + 24 + 16) gives the captions of one unpadded batch.

@@ -102,6 +102,10 @@ def _wait(procs, timeout):
     return [p.returncode for p in procs]
 
 
+def json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 class _TwoHosts:
     """What the two hosts read, side by side: host 0's batch then host 1's, as the rows of the
     global batch (host 0 holds the devices of data index 0). Lets one process see the batches of
@@ -315,3 +319,50 @@ def test_caption_evaluator_on_two_hosts_matches_one(world_cache, tmp_path, monke
     assert set(written) == set(reference)
     for key, value in reference.items():
         np.testing.assert_allclose(written[key], value, rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+@pytest.mark.slow  # a reference run, then two processes train a small LLaMA and answer (about 2 min)
+def test_exact_match_evaluator_on_two_hosts_matches_one(tmp_path, monkeypatch, compile_cache):
+    """A LLaMA instruction run on fsdp=2 x tensor=2 over two processes (the vocab-parallel token
+    embedding and the decode's KV cache split across hosts) ends with its exact-match evaluator:
+    host 0 writes the same metrics as one process with the same mesh and the two hosts' batches."""
+    from vlm_jax import config as config_lib
+    from vlm_jax.data import text
+    from vlm_jax.data.tokenizer import Tokenizer
+
+    Tokenizer.train(text.tokenizer_corpus(0, 300), str(tmp_path / "tok"), 512)
+    config = config_lib.load(
+        "configs/alpaca.py:tiny",
+        {
+            "tokenizer.path": str(tmp_path / "tok.model"), "model.width": 32, "model.heads": 4,
+            "model.kv_heads": 2, "model.depth": 2, "model.mlp_dim": 64, "data.batch_size": 8,
+            "train.steps": 150, "optim.warmup_steps": 5, "optim.lr": 3e-3,
+            "train.log_every": 10, "train.ckpt_every": 1000, "train.progress": False,
+            "train.async_checkpoints": False, "evals.val.num_examples": 16, "evals.val.batch_size": 8,
+            "evals.val.max_new_tokens": 6,
+        },
+    )
+    with config.unlocked():
+        del config["stages"]
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
+    make = pipeline.train_batches
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "train_batches", lambda c, t, **kw: _TwoHosts(make, c, t))
+        reference = train(config, str(tmp_path / "one"), devices=jax.devices()[:4])["eval"]
+    assert "val/exact_match" in reference, reference
+
+    spec, workdir, port = _spec(config, tmp_path / "cfg.py"), tmp_path / "two", _free_port()
+    procs = [_start(compile_cache, spec, workdir, tmp_path, port, i) for i in range(2)]
+    try:
+        codes = _wait(procs, 300)
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    np.testing.assert_allclose(_losses(workdir), _losses(tmp_path / "one"), rtol=2e-5, atol=2e-5)
+    written = {k: v for r in read_metrics(workdir) for k, v in r.items() if k.startswith("val/")}
+    assert written == pytest.approx(reference, abs=1e-6)
+    # The answers themselves (this short run gets none right, so the metrics alone say little).
+    one, two = (json_lines(w / "samples" / "val_step150.jsonl") for w in (tmp_path / "one", workdir))
+    assert len(one) == 16 and two == one and any(s["answer"] for s in one), one

@@ -1,5 +1,7 @@
 """Small whole runs through the trainer: they learn, and the config switches do what they say."""
 
+import json
+
 import jax
 import ml_collections
 import numpy as np
@@ -163,6 +165,10 @@ def test_alpaca_stages_pretrain_then_instruct_then_sample(tmp_path, capsys):
         losses = _losses(tmp_path / "run" / stage)
         assert len(losses) == 12 and losses[-1] < losses[0]
         assert 0.0 <= _metric(tmp_path / "run" / stage, "val/exact_match")[-1] <= 1.0
+        # The answers beside their references, one line per evaluated item.
+        lines = (tmp_path / "run" / stage / "samples" / "val_step12.jsonl").read_text().splitlines()
+        samples = [json.loads(line) for line in lines]
+        assert len(samples) == 16 and {"instruction", "answer", "reference", "correct"} <= set(samples[0])
     saved = config_lib.from_json((tmp_path / "run" / "instruct" / "config.json").read_text())
     assert saved.train.init_from == str(tmp_path / "run" / "pretrain")
     assert saved.data.source == "world_instruct" and "stages" not in saved

@@ -187,6 +187,11 @@ class CaptionEvaluator:
         out.update({f"baseline/{k}": v for k, v in self.baseline.items()})
         return {f"{self.name}/{k}": v for k, v in out.items()}
 
+    def samples(self) -> list[dict[str, Any]]:
+        """The last call's captions, one per evaluated image (data order), with its references."""
+        return [dict(image=i, caption=caption, references=self.references[i])
+                for i, caption in enumerate(self.last_captions)]
+
 
 # ---------------------------------------------------------------------- nearest-caption baseline
 

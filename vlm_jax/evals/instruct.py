@@ -79,3 +79,16 @@ class InstructEvaluator:
         for kind in sorted(set(kinds.tolist()) - {""}):
             out[f"exact_match/{kind}"] = float(hit[kinds == kind].mean())
         return {f"{self.name}/{k}": v for k, v in out.items()}
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The last call's items: instruction, input, the model's answer, the reference, whether
+        they match (after normalise_answer), kind and held-out flag."""
+        norm = text.normalise_answer
+        return [
+            dict(instruction=str(rec.get("instruction", "")), input=str(rec.get("input", "")), answer=answer,
+                 reference=ref, correct=norm(answer) == norm(ref), kind=kind, held_out=held)
+            for rec, answer, ref, kind, held in zip(
+                self.data["records"], self.last_answers, self.data["answers"], self.data["kinds"],
+                self.data["held_out"],
+            )
+        ]

@@ -45,6 +45,20 @@ def batch_shardings(example: Mapping[str, np.ndarray], mesh: Mesh, rules: Any) -
     return {k: batch_sharding(mesh, rules, np.ndim(v)) for k, v in example.items()}
 
 
+def fetch(tree: Any) -> Any:
+    """jax.device_get that also takes arrays split across hosts (gathered whole on every host; a
+    collective there, so every process must call it at the same point)."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 def barrier(name: str) -> None:
     """Waits until every host got here (no-op on a single host)."""
     if jax.process_count() > 1:

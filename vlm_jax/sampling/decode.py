@@ -69,6 +69,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.parallel import hosts
+
 EOS_ID = 3
 PAD_ID = 0
 METHODS = ("greedy", "sample", "beam")
@@ -382,7 +384,7 @@ def generate_detailed(
     stop, pad = _stop_array(stop_tokens), jnp.int32(pad_id)
     tokens, positions, valid, lengths = _left_pad(prompts, max_new_tokens, decoder.max_len, pad_id)
     if method == "beam":
-        seqs, scores, logprobs, n, stopped = jax.device_get(
+        seqs, scores, logprobs, n, stopped = hosts.fetch(
             _beam_loop(
                 decoder, params, tokens, positions, valid, lengths, context, jnp.float32(length_penalty), stop, pad,
                 max_new_tokens=int(max_new_tokens), beam_size=int(beam_size),
@@ -402,7 +404,7 @@ def generate_detailed(
             stopped=[rb[0].stopped for rb in beams],
             beams=beams,
         )
-    out, n, stopped, logprob = jax.device_get(
+    out, n, stopped, logprob = hosts.fetch(
         _sampling_loop(
             decoder, params, tokens, positions, valid, lengths, context, _as_key(rng), jnp.float32(temperature),
             jnp.float32(top_p), stop, pad, max_new_tokens=int(max_new_tokens),
@@ -483,7 +485,7 @@ def stream(
         if i > 0:
             pos = jnp.asarray(lengths + i - 1)
             tok, cache = _stream_next(decoder, params, cache, tok, pos, jnp.int32(i), key, temp, tp, **statics)
-        host = np.asarray(tok)
+        host = np.asarray(hosts.fetch(tok))
         row = []
         for r, t in enumerate(host.tolist()):
             if not done[r] and t in stops:

@@ -28,6 +28,7 @@ class MetricWriter:
         self.enabled = enabled
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self.samples_dir = os.path.join(workdir, "samples")
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
@@ -46,6 +47,17 @@ class MetricWriter:
         for k, v in values.items():
             self._tb.add_scalar(k, v, step)
         return values
+
+    def write_samples(self, step: int, name: str, samples: list[dict]) -> str | None:
+        """Writes an evaluator's examples (its generations beside their references) to
+        <workdir>/samples/<name>_step<step>.jsonl, one JSON object per line; returns the path."""
+        if not self.enabled:
+            return None
+        os.makedirs(self.samples_dir, exist_ok=True)
+        path = os.path.join(self.samples_dir, f"{name}_step{int(step)}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        return path
 
     def close(self) -> None:
         """Flushes TensorBoard."""

@@ -295,6 +295,8 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
         with sharding_context(mesh, rules):
             for evaluator in evaluators:
                 results.update(evaluator(state["params"], state["model_state"]))
+                if hasattr(evaluator, "samples"):  # generations: written beside the metrics
+                    writer.write_samples(step, evaluator.name, evaluator.samples())
         if results:
             writer.write(step, results)
         return results
