@@ -235,6 +235,10 @@ def test_token_embedding_is_nn_embed_with_a_vocab_parallel_lookup():
         value, grads = jax.jit(jax.value_and_grad(loss))(sharded, batch)
         np.testing.assert_array_equal(jax.jit(ours.apply)(sharded, ids[:2]), expected_rows[:2])
     assert sharded["params"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
+    # tensor=1: the vocab is not split, so XLA's plain gather it is (nothing to gain).
+    data_only = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(data_only), nn.logical_axis_rules(rules):
+        assert embeddings._lookup_plan((64, 16), (8, 6)) is None
     assert out.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(out, expected_rows)
     assert grads["params"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")  # never gathered

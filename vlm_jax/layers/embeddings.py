@@ -93,9 +93,13 @@ def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> di
         return None
     table_spec = fit_spec(nn.logical_to_mesh_axes(("vocab", "embed")), table_shape, mesh)
     ids_spec = fit_spec(nn.logical_to_mesh_axes(("batch", "length")), ids_shape, mesh)
-    vocab, embed = (_axes(table_spec[i]) if i < len(table_spec) else () for i in range(2))
-    batch = _axes(ids_spec[0]) if len(ids_spec) else ()
-    if len(ids_spec) > 1 and _axes(ids_spec[1]):
+
+    def split(entry_index: int, spec: Any) -> tuple[str, ...]:  # the axes that really split (size > 1)
+        entry = spec[entry_index] if entry_index < len(spec) else None
+        return tuple(a for a in _axes(entry) if mesh.shape[a] > 1)
+
+    vocab, embed, batch = split(0, table_spec), split(1, table_spec), split(0, ids_spec)
+    if split(1, ids_spec):
         return None  # sequence-sharded ids: leave it to XLA
     gather = tuple(a for a in embed if a in batch)
     if not vocab or set(vocab) & (set(embed) | set(batch)) or gather != embed:

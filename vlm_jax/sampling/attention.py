@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.parallel import hosts
+
 
 def _square(n: int, what: str) -> int:
     side = math.isqrt(n)
@@ -70,7 +72,7 @@ def flat_attention(model: Any, variables: Any, images: jax.Array, tokens: jax.Ar
 
 def as_grid(maps: jax.Array | np.ndarray) -> np.ndarray:
     """[B, T, L] -> [B, T, h, w] (L = h * w, a square grid)."""
-    maps = np.asarray(maps, np.float32)
+    maps = np.asarray(hosts.fetch(maps), np.float32)  # maps of a batch split over hosts: gathered
     side = _square(maps.shape[-1], "the attention grid")
     return maps.reshape(maps.shape[:-1] + (side, side))
 
