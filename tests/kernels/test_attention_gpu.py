@@ -375,13 +375,23 @@ def test_lowers_to_triton_for_cuda(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
-def test_real_gpu_kernel_b2_s1024_h8_d128_bf16(causal):
+@pytest.mark.parametrize(
+    "shape,kv_heads,causal",
+    [
+        ((2, 1024, 8, 128), 8, False),
+        ((2, 1024, 8, 128), 8, True),
+        ((8, 197, 12, 64), 12, False),  # ViT-B/16: whole-row tiles, several heads per program
+        ((8, 77, 8, 64), 2, True),  # CLIP text length, causal, GQA
+    ],
+    ids=["s1024", "s1024_causal", "vit_s197", "text_s77_causal_gqa"],
+)
+def test_real_gpu_kernel_bf16(shape, kv_heads, causal):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU (tests/conftest.py defaults JAX_PLATFORMS to cpu: set JAX_PLATFORMS=cuda)")
     rng = np.random.default_rng(1)
-    shape = (2, 1024, 8, 128)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)).astype(jnp.bfloat16) for _ in range(3))
+    kv_shape = shape[:2] + (kv_heads, shape[3])
+    q = jnp.asarray(rng.standard_normal(shape, np.float32)).astype(jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal(kv_shape, np.float32)).astype(jnp.bfloat16) for _ in range(2))
     cot = jnp.asarray(rng.standard_normal(shape, np.float32))
     out, grads = _value_and_grads(lambda q, k, v: pallas_gpu.mha(q, k, v, causal=causal), q, k, v, cot)
 

@@ -365,6 +365,9 @@ def test_lowers_for_tpu(case):
         dict(batch=2, q_len=1000, heads=8, head_dim=64, dtype=jnp.bfloat16, causal=True, segments="self"),
         dict(batch=1, q_len=333, kv_len=777, heads=4, kv_heads=1, head_dim=80, causal=True, tolerance=1e-4),
         dict(batch=1, q_len=512, heads=4, head_dim=128, dtype=jnp.float16, segments="self"),
+        # Short sequences: several heads per program by default (ViT-B/16; CLIP text, causal, GQA).
+        dict(batch=4, q_len=197, heads=12, head_dim=64, dtype=jnp.bfloat16),
+        dict(batch=4, q_len=77, heads=8, kv_heads=2, head_dim=64, dtype=jnp.bfloat16, causal=True),
     ],
 )
 def test_on_tpu(case):
