@@ -17,6 +17,8 @@ HLO = """
   %reduce-scatter = bf16[2,8]{1,0} reduce-scatter(bf16[8,8]{1,0} %c), dimensions={0}
   %ags = (f32[16]{0}, f32[64]{0}) all-gather-start(f32[16]{0} %d), dimensions={0}
   %agd = f32[64]{0} all-gather-done(%ags)
+  %ars = (f32[8]{0}, f32[8]{0}) all-reduce-start(%e, %f), to_apply=%add
+  %ard = (f32[8]{0}, f32[8]{0}) all-reduce-done(%ars)
   %add.1 = f32[8,128]{1,0} add(%x, %y), metadata={op_name="all-reduce(" }
 """
 
@@ -24,7 +26,8 @@ HLO = """
 def test_collective_stats_counts_result_bytes():
     stats = compiled.collective_stats(HLO)
     assert stats["all-gather"] == {"count": 2, "bytes": 64 * 32 * 4 + 64 * 4}  # the -start's output only
-    assert stats["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4 + 4 * 2}  # both arrays of the tuple
+    # Both arrays of a combined all-reduce (its async form returns only the outputs).
+    assert stats["all-reduce"] == {"count": 2, "bytes": 8 * 128 * 4 + 4 * 2 + 2 * 8 * 4}
     assert stats["reduce-scatter"] == {"count": 1, "bytes": 2 * 8 * 2}
     assert set(stats) == {"all-gather", "all-reduce", "reduce-scatter"}
 

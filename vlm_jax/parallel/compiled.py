@@ -43,9 +43,10 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
     """{op: {"count", "bytes"}} over the collectives of one device's compiled HLO.
 
     Bytes are each op's result arrays (what lands on the device: the gathered array of an
-    all-gather, the reduced arrays of an all-reduce, the shard of a reduce-scatter). An async
-    "-start" op's result tuple also holds its operands; its last array is counted. Ops inside a
-    while loop (scanned layers, gradient accumulation) are counted once, not once per iteration.
+    all-gather, the reduced arrays of an all-reduce, the shard of a reduce-scatter). The async
+    "-start" form of an all-gather or a permute returns (operands, outputs): only the outputs are
+    counted. Ops inside a while loop (scanned layers, gradient accumulation) are counted once, not
+    once per iteration.
     """
     stats: dict[str, dict[str, int]] = {}
     for line in hlo_text.splitlines():
@@ -53,8 +54,8 @@ def collective_stats(hlo_text: str) -> dict[str, dict[str, int]]:
         if m is None:
             continue
         sizes = _array_bytes(m.group("shape"))
-        if m.group("start"):
-            sizes = sizes[-1:]
+        if m.group("start") and m.group("op") != "all-reduce":
+            sizes = sizes[len(sizes) // 2 :]  # (operands, outputs): the outputs
         entry = stats.setdefault(m.group("op"), {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += sum(sizes)
