@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from vlm_jax import config as config_lib
+from vlm_jax.paths import local_dir
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -214,7 +215,7 @@ def cmd_convert(args, overrides) -> int:
 
     del overrides
     config, params = convert.from_hf(args.from_hf)
-    out = os.path.abspath(args.out)
+    out = local_dir(args.out, "--out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import jax
 import ml_collections
 
+from vlm_jax.paths import local_dir
 from vlm_jax.sampling.decode import decoder_for, stream
 
 CAPTION_TASKS = ("caption", "coca")  # tasks whose models take (images, tokens)
@@ -111,7 +112,7 @@ def load_for_sampling(
     from vlm_jax.data import tokenizer as tokenizer_lib
     from vlm_jax.train.checkpoint import Checkpointer
 
-    workdir = os.path.abspath(workdir)
+    workdir = local_dir(workdir)
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step

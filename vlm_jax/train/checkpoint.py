@@ -10,6 +10,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from vlm_jax import config as config_lib
+from vlm_jax.paths import local_dir
 
 
 class CheckpointMismatchError(ValueError):
@@ -34,7 +35,7 @@ class Checkpointer:
     """Keeps the last N checkpoints of a run under <workdir>/checkpoints (async saves)."""
 
     def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = os.path.join(local_dir(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
             self.directory,
             # Named handlers let a fresh process read the metadata of an existing checkpoint.
@@ -117,7 +118,7 @@ class Checkpointer:
 def _params_location(source: str, step: int | None = None) -> tuple[str, int | None]:
     """(directory of a PyTree checkpoint whose tree has 'params', step) for init_from's forms:
     a run's workdir (its checkpoint at `step`, default the latest) or a converted model."""
-    source = os.path.abspath(os.path.expanduser(source))
+    source = local_dir(source, "init_from")
     if os.path.isdir(os.path.join(source, "params")) and not os.path.isdir(os.path.join(source, "checkpoints")):
         return os.path.join(source, "params"), None  # `vlm-jax convert` output: the params tree itself
     directory = source if os.path.basename(source) == "checkpoints" else os.path.join(source, "checkpoints")

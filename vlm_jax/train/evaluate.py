@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import ml_collections
 
 from vlm_jax import evals, models, tasks
 from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
+from vlm_jax.paths import local_dir
 from vlm_jax.train import optim
 from vlm_jax.train.checkpoint import Checkpointer
 from vlm_jax.train.trainer import load_state, sharding_context, state_initializer
@@ -19,7 +18,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     """Metrics of config.evals on the checkpoint at `step` (default: the latest) in workdir."""
     from vlm_jax.data import pipeline, tokenizer as tokenizer_lib
 
-    workdir = os.path.abspath(workdir)
+    workdir = local_dir(workdir)
     checkpointer = Checkpointer(workdir, async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:

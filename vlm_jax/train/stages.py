@@ -26,6 +26,7 @@ from typing import Any
 import ml_collections
 
 from vlm_jax import config as config_lib
+from vlm_jax.paths import local_dir
 
 
 # What a stage with its own config (`config=...`) still takes from the base config.
@@ -107,7 +108,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs
 
     from vlm_jax.parallel import hosts
 
-    workdir = os.path.abspath(workdir)
+    workdir = local_dir(workdir)
     if hosts.is_main_process():  # one writer on a shared filesystem
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, STAGES_FILE), "w") as f:

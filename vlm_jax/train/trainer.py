@@ -21,6 +21,7 @@ from vlm_jax.layers import lora
 from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.rules import as_rules, mesh_shardings
+from vlm_jax.paths import local_dir
 from vlm_jax.train import optim
 from vlm_jax.train import state as state_lib
 from vlm_jax.train.checkpoint import Checkpointer
@@ -229,7 +230,7 @@ def train(
 
 
 def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]:
-    workdir = os.path.abspath(workdir)
+    workdir = local_dir(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = hosts.is_main_process()
     mesh = make_mesh(config.mesh, devices)
