@@ -276,6 +276,25 @@ def test_each_host_takes_its_own_data_state(monkeypatch):
     assert hosts.own_data_state(saved) == {"host": 0}
 
 
+def _one_then_two(config, tmp_path, monkeypatch, compile_cache):
+    """(the final evals of one process on the 4-device mesh reading both hosts' batches, the
+    workdir of the same run on two processes, which must both exit 0)."""
+    make = pipeline.train_batches
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "train_batches", lambda c, t, **kw: _TwoHosts(make, c, t))
+        reference = train(config, str(tmp_path / "one"), devices=jax.devices()[:4])["eval"]
+    spec, workdir, port = _spec(config, tmp_path / "cfg.py"), tmp_path / "two", _free_port()
+    procs = [_start(compile_cache, spec, workdir, tmp_path, port, i) for i in range(2)]
+    try:
+        codes = _wait(procs, 300)
+    finally:
+        for p in procs:
+            p.kill()
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    return reference, workdir
+
+
 @pytest.mark.slow  # a reference run, then two processes train a captioner and decode (about 2 min)
 def test_caption_evaluator_on_two_hosts_matches_one(world_cache, tmp_path, monkeypatch, compile_cache):
     """A Show, Attend and Tell run (data=2 x fsdp=2 over two processes) ends with its caption
@@ -298,23 +317,10 @@ def test_caption_evaluator_on_two_hosts_matches_one(world_cache, tmp_path, monke
     with config.unlocked():
         config.data.world_num_examples.update(dict(train=64, validation=32, test=32))
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 1
-    make = pipeline.train_batches
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "train_batches", lambda c, t, **kw: _TwoHosts(make, c, t))
-        reference = train(config, str(tmp_path / "one"), devices=jax.devices()[:4])["eval"]
+    reference, workdir = _one_then_two(config, tmp_path, monkeypatch, compile_cache)
     # Enough steps for captions that are not empty (they do not name objects yet: grounding runs,
     # scoring no words).
     assert reference["val/BLEU-1"] > 0 and "val/grounding/words" in reference, reference
-
-    spec, workdir, port = _spec(config, tmp_path / "cfg.py"), tmp_path / "two", _free_port()
-    procs = [_start(compile_cache, spec, workdir, tmp_path, port, i) for i in range(2)]
-    try:
-        codes = _wait(procs, 300)
-    finally:
-        for p in procs:
-            p.kill()
-    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], logs
     written = {k: v for r in read_metrics(workdir) for k, v in r.items() if k.startswith("val/")}
     assert set(written) == set(reference)
     for key, value in reference.items():
@@ -345,21 +351,8 @@ def test_exact_match_evaluator_on_two_hosts_matches_one(tmp_path, monkeypatch, c
     with config.unlocked():
         del config["stages"]
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
-    make = pipeline.train_batches
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "train_batches", lambda c, t, **kw: _TwoHosts(make, c, t))
-        reference = train(config, str(tmp_path / "one"), devices=jax.devices()[:4])["eval"]
+    reference, workdir = _one_then_two(config, tmp_path, monkeypatch, compile_cache)
     assert "val/exact_match" in reference, reference
-
-    spec, workdir, port = _spec(config, tmp_path / "cfg.py"), tmp_path / "two", _free_port()
-    procs = [_start(compile_cache, spec, workdir, tmp_path, port, i) for i in range(2)]
-    try:
-        codes = _wait(procs, 300)
-    finally:
-        for p in procs:
-            p.kill()
-    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], logs
     np.testing.assert_allclose(_losses(workdir), _losses(tmp_path / "one"), rtol=2e-5, atol=2e-5)
     written = {k: v for r in read_metrics(workdir) for k, v in r.items() if k.startswith("val/")}
     assert written == pytest.approx(reference, abs=1e-6)
