@@ -227,18 +227,32 @@ def test_token_embedding_is_nn_embed_with_a_vocab_parallel_lookup():
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # The explicit vocab-parallel lookup: ids gathered over fsdp, rows summed over tensor.
         plan = embeddings._lookup_plan((64, 16), (8, 6))
-        assert plan == dict(vocab=("tensor",), embed=("fsdp",), batch=("data", "fsdp"), gather=("fsdp",))
-        assert embeddings._lookup_plan((64, 16), (2, 6)) is None  # 2 rows: XLA's gather decides
+        assert plan == dict(mode="ids", vocab=("tensor",), embed=("fsdp",), batch=("data", "fsdp"), gather=("fsdp",))
+        # 2 rows: the batch is split over data only, so the table's columns are gathered instead.
+        assert embeddings._lookup_plan((64, 16), (2, 6))["mode"] == "table"
+        # More tokens per device than table rows per vocab shard: moving the table is cheaper.
+        assert embeddings._lookup_plan((64, 16), (8, 128))["mode"] == "table"
         sharded = jax.device_put(variables, shardings)
         batch = jax.device_put(ids, jax.sharding.NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
         out = jax.jit(ours.apply)(sharded, batch)
         value, grads = jax.jit(jax.value_and_grad(loss))(sharded, batch)
         np.testing.assert_array_equal(jax.jit(ours.apply)(sharded, ids[:2]), expected_rows[:2])
     assert sharded["params"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")
-    # tensor=1: the vocab is not split, so XLA's plain gather it is (nothing to gain).
+    # Pure data parallelism: the table is whole on every device, jnp.take is local.
     data_only = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1), ("data", "fsdp", "tensor"))
     with jax.set_mesh(data_only), nn.logical_axis_rules(rules):
         assert embeddings._lookup_plan((64, 16), (8, 6)) is None
+    # fsdp only: the ids are gathered over fsdp, nothing to sum over vocab; same values.
+    fsdp_only = Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+    fsdp_shardings = mesh_shardings(jax.eval_shape(ours.init, _key(0), ids), fsdp_only, rules)
+    with jax.set_mesh(fsdp_only), nn.logical_axis_rules(rules):
+        assert embeddings._lookup_plan((64, 16), (8, 6))["vocab"] == ()
+        on_fsdp = jax.device_put(variables, fsdp_shardings)
+        ids_fsdp = jax.device_put(ids, jax.sharding.NamedSharding(fsdp_only, PartitionSpec(("data", "fsdp"))))
+        np.testing.assert_array_equal(jax.jit(ours.apply)(on_fsdp, ids_fsdp), expected_rows)
+        _, fsdp_grads = jax.jit(jax.value_and_grad(loss))(on_fsdp, ids_fsdp)
+    np.testing.assert_allclose(fsdp_grads["params"]["embedding"], expected[1]["params"]["embedding"], rtol=1e-5,
+                               atol=1e-6)
     assert out.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(out, expected_rows)
     assert grads["params"]["embedding"].sharding.spec == PartitionSpec("tensor", "fsdp")  # never gathered

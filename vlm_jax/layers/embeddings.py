@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -81,12 +82,16 @@ def _axes(entry: Any) -> tuple[str, ...]:
 
 
 def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> dict[str, Any] | None:
-    """The mesh axes of a vocab-parallel lookup under the current mesh and logical rules, or None
-    when there is no mesh or the layout is not one `_vocab_parallel_lookup` handles.
+    """How to look ids up in a split table under the current mesh and logical rules; None where
+    jnp.take is already local (no mesh, or a table split over neither axis) or the layout is one
+    this does not handle (sequence-split ids, an axis splitting two of table rows, columns, batch).
 
     vocab: the axes splitting the table's rows; embed: its columns; batch: the ids' rows; gather:
-    the embed axes that also split the batch (the ids are gathered over them and the rows sent
-    back with an all-to-all).
+    the embed axes that also split the batch. mode "ids": gather the ids over `gather`, look up
+    the local block of the table, sum over vocab, all-to-all back (`_lookup_with_gathered_ids`; the
+    table never moves). mode "table": gather the table's columns (as FSDP does for any weight) and
+    look up locally, summing over vocab. "ids" moves the activations (about tokens x features per
+    device), "table" the table (its rows per vocab shard x features): the smaller one is chosen.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or len(ids_shape) != 2:
@@ -98,18 +103,20 @@ def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> di
         entry = spec[entry_index] if entry_index < len(spec) else None
         return tuple(a for a in _axes(entry) if mesh.shape[a] > 1)
 
+    def size(axes: tuple[str, ...]) -> int:
+        return math.prod(mesh.shape[a] for a in axes)
+
     vocab, embed, batch = split(0, table_spec), split(1, table_spec), split(0, ids_spec)
-    if split(1, ids_spec):
-        return None  # sequence-sharded ids: leave it to XLA
-    gather = tuple(a for a in embed if a in batch)
-    if not vocab or set(vocab) & (set(embed) | set(batch)) or gather != embed:
-        # No vocab split (a plain gather is local), or axes shared in ways the all-to-all below
-        # would not undo; XLA's partitioner decides.
+    if not (vocab or embed) or split(1, ids_spec) or set(vocab) & (set(embed) | set(batch)):
         return None
-    return dict(vocab=vocab, embed=embed, batch=batch, gather=gather)
+    gather = tuple(a for a in embed if a in batch)
+    tokens_here = ids_shape[0] * ids_shape[1] // size(batch)
+    rows_here = table_shape[0] // size(vocab)
+    mode = "ids" if gather == embed and tokens_here <= rows_here else "table"
+    return dict(mode=mode, vocab=vocab, embed=embed, batch=batch, gather=gather)
 
 
-def _vocab_parallel_lookup(table: jax.Array, ids: jax.Array, plan: dict[str, Any]) -> jax.Array:
+def _lookup_with_gathered_ids(table: jax.Array, ids: jax.Array, plan: dict[str, Any]) -> jax.Array:
     """table [V, E] split (vocab, embed), ids [B, L] split (batch, -) -> [B, L, E] split (batch, -, -).
 
     Per device: gather the ids of the devices that share its batch rows' embed columns (tiny:
@@ -123,11 +130,14 @@ def _vocab_parallel_lookup(table: jax.Array, ids: jax.Array, plan: dict[str, Any
     def body(table_shard: jax.Array, ids_shard: jax.Array) -> jax.Array:
         if gather:
             ids_shard = jax.lax.all_gather(ids_shard, gather, axis=0, tiled=True)
-        rows_here = table_shard.shape[0]
-        local = ids_shard - jax.lax.axis_index(vocab) * rows_here
-        inside = (local >= 0) & (local < rows_here)
-        out = jnp.take(table_shard, jnp.where(inside, local, 0), axis=0) * inside[..., None]
-        out = jax.lax.psum(out, vocab)
+        if vocab:
+            rows_here = table_shard.shape[0]
+            local = ids_shard - jax.lax.axis_index(vocab) * rows_here
+            inside = (local >= 0) & (local < rows_here)
+            out = jnp.take(table_shard, jnp.where(inside, local, 0), axis=0) * inside[..., None]
+            out = jax.lax.psum(out, vocab)
+        else:
+            out = jnp.take(table_shard, ids_shard, axis=0)
         if gather:
             out = jax.lax.all_to_all(out, gather, split_axis=0, concat_axis=2, tiled=True)
         return out
@@ -145,12 +155,14 @@ class TokenEmbedding(nn.Module):
     Param `embedding` [vocab, features] (float32, logical axes ("vocab", "embed"); the name and
     layout of nn.Embed, so checkpoints and converted weights are the same).
 
-    Under a mesh whose rules split the table over vocab (tensor parallelism) the lookup is
-    vocab-parallel and explicit (`_vocab_parallel_lookup`): communication of activation size, none
-    of the table. Left to XLA's partitioner, a gather from a table split over both axes came out
-    split over features, and on some meshes (data=2, fsdp=2, tensor=2, for TinyLlama as for the
-    tiny configs) it could only reshard that by replicating whole [batch, length, features]
-    activations ("involuntary full rematerialization", reported by `vlm-jax plan`).
+    Under a mesh that splits the table (fsdp over its features, tensor over vocab) the lookup is
+    explicit (`_lookup_plan`): either the ids are gathered and the rows sent back with an
+    all-to-all, the table never moving, or the table's columns are gathered, whichever moves fewer
+    bytes. Left to XLA's partitioner, a gather from a table split over its features came out split
+    over features, and on several meshes (TinyLlama on data=2 fsdp=2 tensor=2; CLIP ViT-B/16 on
+    data=2 fsdp=4 with gradient accumulation) XLA could only reshard that by replicating whole
+    [batch, length, features] activations ("involuntary full rematerialization", which `vlm-jax
+    plan` reports).
     Out-of-range ids give NaN rows without a mesh (jnp.take's fill) and zero rows with one.
     """
 
@@ -173,10 +185,12 @@ class TokenEmbedding(nn.Module):
             raise ValueError(f"token ids must be integers, got {ids.dtype}")
         table = self.embedding.astype(self.dtype)
         plan = _lookup_plan(table.shape, ids.shape)
-        if plan is None:
-            out = jnp.take(table, ids, axis=0)
+        if plan is not None and plan["mode"] == "ids":
+            out = _lookup_with_gathered_ids(table, ids, plan)
         else:
-            out = _vocab_parallel_lookup(table, ids, plan)
+            if plan is not None:  # "table": columns gathered; XLA sums the vocab shards' rows
+                table = nn.with_logical_constraint(table, ("vocab", None))
+            out = jnp.take(table, ids, axis=0)
         if out.ndim == 3:
             out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         return out
