@@ -92,8 +92,11 @@ class CLIP(nn.Module):
         self, images: jax.Array, tokens: jax.Array, train: bool = False
     ) -> dict[str, jax.Array]:
         """-> image_embeds, text_embeds [B, E] (unit norm, f32), logit_scale [], logit_bias []."""
-        image_embeds = l2_normalize(self.encode_image(images, train=train))
-        text_embeds = l2_normalize(self.encode_text(tokens))
+        # Split over the batch only: the loss's [B, B] similarities then contract a whole feature
+        # axis on each device (with the features split over `tensor`, XLA summed partial
+        # similarity matrices across devices: gigabytes per step at CLIP's batch of 32k).
+        image_embeds = nn.with_logical_constraint(l2_normalize(self.encode_image(images, train=train)), ("batch", None))
+        text_embeds = nn.with_logical_constraint(l2_normalize(self.encode_text(tokens)), ("batch", None))
         # Clipped so the temperature cannot run away (CLIP clamps it at 100).
         logit_scale = jnp.exp(jnp.minimum(self.logit_scale, self.logit_scale_max))
         logit_bias = self.logit_bias if self.loss == "sigmoid" else jnp.zeros((), jnp.float32)
