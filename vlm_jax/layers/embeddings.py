@@ -160,10 +160,11 @@ class TokenEmbedding(nn.Module):
     all-to-all, the table never moving, or the table's columns are gathered, whichever moves fewer
     bytes. Left to XLA's partitioner, a gather from a table split over its features came out split
     over features, and on several meshes (TinyLlama on data=2 fsdp=2 tensor=2; CLIP ViT-B/16 on
-    data=2 fsdp=4) XLA could only reshard that by replicating whole
-    [batch, length, features] activations ("involuntary full rematerialization", which `vlm-jax
-    plan` reports).
-    Out-of-range ids give NaN rows without a mesh (jnp.take's fill) and zero rows with one.
+    data=2 fsdp=4) XLA could only reshard that by replicating whole [batch, length, features]
+    activations ("involuntary full rematerialization", which `vlm-jax plan` reports).
+
+    Ids must lie in [0, vocab): others give NaN rows (jnp.take's fill), or zero rows in the
+    vocab-split lookup.
     """
 
     num_embeddings: int
