@@ -498,7 +498,7 @@ def setup(config, mesh_cfg: dict[str, int], devices: Sequence[Any] | None = None
 
     from vlm_jax import models, tasks
     from vlm_jax.parallel.mesh import make_mesh
-    from vlm_jax.parallel.rules import batch_sharding
+    from vlm_jax.parallel.rules import batch_sharding, spec_axes
     from vlm_jax.train import optim
     from vlm_jax.train.trainer import state_initializer
 
@@ -513,8 +513,7 @@ def setup(config, mesh_cfg: dict[str, int], devices: Sequence[Any] | None = None
     one_row = {k: np.zeros(shape, dtype) for k, (shape, dtype) in example_batch(config, 1).items()}
     _, shardings, abstract = state_initializer(model, task, tx, one_row, mesh, config.sharding_rules)
     spec = batch_sharding(mesh, config.sharding_rules, 1).spec
-    axes = spec[0] if len(spec) else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = spec_axes(spec[0] if len(spec) else None)
     batch_shards = math.prod(mesh.shape[a] for a in axes)
     return Setup(config, mesh, model, task, tx, shardings, abstract, batch_shards)
 
@@ -771,9 +770,10 @@ def _search_max_batch(at, start: int, step: int, usable: int, max_compiles: int)
 def _check_batch(config, mesh_cfg: dict[str, int], batch: int | None) -> None:
     """The global batch splits over the mesh axes of logical 'batch' (and accum_steps): checked
     before any compile or child process."""
+    from vlm_jax.parallel.rules import spec_axes
+
     rows = int(batch if batch is not None else config.data.batch_size)
-    axes = next((a for name, a in config.sharding_rules if name == "batch"), None)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = spec_axes(next((a for name, a in config.sharding_rules if name == "batch"), None))
     shards = math.prod(mesh_cfg.get(a, 1) for a in axes)
     accum = int(config.optim.get("accum_steps", 1))
     if rows % (shards * accum):

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.parallel.rules import fit_spec
+from vlm_jax.parallel.rules import fit_spec, spec_axes
 
 
 class PatchEmbedding(nn.Module):
@@ -76,11 +76,6 @@ class PositionEmbedding(nn.Module):
         return x.astype(self.dtype) + pos[:t].astype(self.dtype)
 
 
-def _axes(entry: Any) -> tuple[str, ...]:
-    """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of names."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> dict[str, Any] | None:
     """How to look ids up in a split table under the current mesh and logical rules; None where
     jnp.take is already local (no mesh, or a table split over neither axis) or the layout is one
@@ -101,7 +96,7 @@ def _lookup_plan(table_shape: tuple[int, int], ids_shape: tuple[int, ...]) -> di
 
     def split(entry_index: int, spec: Any) -> tuple[str, ...]:  # the axes that really split (size > 1)
         entry = spec[entry_index] if entry_index < len(spec) else None
-        return tuple(a for a in _axes(entry) if mesh.shape[a] > 1)
+        return tuple(a for a in spec_axes(entry) if mesh.shape[a] > 1)
 
     def size(axes: tuple[str, ...]) -> int:
         return math.prod(mesh.shape[a] for a in axes)

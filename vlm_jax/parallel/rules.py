@@ -23,13 +23,17 @@ def as_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
+def spec_axes(entry: Any) -> tuple[str, ...]:
+    """One PartitionSpec entry (None, a mesh axis name or a tuple of them) as a tuple of names."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Any) -> PartitionSpec:
     """Drops mesh axes from dims they do not divide (tiny models on big meshes stay valid)."""
     fitted = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept = []
-        for name in names:
+        for name in spec_axes(axes):
             if dim % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
                 kept.append(name)
         fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
