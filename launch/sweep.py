@@ -451,11 +451,9 @@ def _default_workdir(spec: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vlm_jax.cli import _split_overrides
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        rest, base_overrides = _split_overrides(argv)
+        rest, base_overrides = config_lib.split_overrides(argv)
         args = build_parser().parse_args(rest)
         if args.in_process and args.launcher:
             raise config_lib.ConfigError("--in-process and --launcher exclude each other")

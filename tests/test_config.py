@@ -3,7 +3,6 @@
 import pytest
 
 from vlm_jax import config as config_lib
-from vlm_jax.cli import _split_overrides
 
 
 def test_load_variant_and_override():
@@ -36,7 +35,7 @@ def test_locked_config_rejects_new_attributes():
 
 
 def test_cli_override_forms():
-    rest, overrides = _split_overrides(
+    rest, overrides = config_lib.split_overrides(
         ["train", "--config", "c.py:tiny", "--config.optim.lr=1e-3", "--config.train.steps", "5"]
     )
     assert rest == ["train", "--config", "c.py:tiny"]

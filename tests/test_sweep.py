@@ -57,9 +57,7 @@ def test_clip_tiny_expands_to_named_runs_and_commands(capsys):
         "--config.optim.lr=0.001 --config.data.hard_negatives=True"
     )
     # The commands are what `vlm-jax train` parses back to the run's config.
-    from vlm_jax.cli import _split_overrides
-
-    rest, overrides = _split_overrides(runs[2].command[2:])
+    rest, overrides = config_lib.split_overrides(runs[2].command[2:])
     config = config_lib.load(rest[1], overrides)
     assert config.optim.lr == 1.5e-3 and config.data.hard_negatives is True and config.train.steps == 3
 

@@ -21,26 +21,6 @@ from vlm_jax import config as config_lib
 from vlm_jax.paths import local_dir
 
 
-def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
-    rest, overrides, i = [], [], 0
-    argv = list(argv)
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            if "=" in arg:
-                overrides.append(arg[len("--config.") :])
-            elif i + 1 < len(argv):
-                overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
-                i += 1
-            else:
-                raise config_lib.ConfigError(f"{arg} needs a value")
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, overrides
-
-
 def _load_config(spec: str | None, workdir: str | None, overrides: list[str]):
     if spec:
         return config_lib.load(spec, overrides)
@@ -300,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     try:
-        rest, overrides = _split_overrides(argv)
+        rest, overrides = config_lib.split_overrides(argv)
         args = build_parser().parse_args(rest)
         return args.fn(args, overrides)
     except config_lib.ConfigError as e:

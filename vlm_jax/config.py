@@ -7,7 +7,7 @@ import difflib
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -33,6 +33,27 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     """'configs/clip.py:tiny' -> ('configs/clip.py', 'tiny')."""
     path, sep, arg = spec.partition(":")
     return path, (arg if sep else None)
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(other arguments, overrides): `--config.a.b=v` / `--config.a.b v` become "a.b=v"; what every
+    command line that takes a config uses (the CLI, `plan`, the benchmarks, launch/sweep.py)."""
+    rest, overrides, i = [], [], 0
+    argv = list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" in arg:
+                overrides.append(arg[len("--config.") :])
+            elif i + 1 < len(argv):
+                overrides.append(f"{arg[len('--config.'):]}={argv[i + 1]}")
+                i += 1
+            else:
+                raise ConfigError(f"{arg} needs a value")
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
 
 
 def load(spec: str, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ml_collections.ConfigDict:

@@ -1063,13 +1063,12 @@ def cmd_plan(args, overrides) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m vlm_jax.plan --config ... --mesh ... --device ...`."""
     from vlm_jax import config as config_lib
-    from vlm_jax.cli import _split_overrides
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m vlm_jax.plan", description=__doc__.split("\n")[0])
     _add_arguments(parser)
     try:
-        rest, overrides = _split_overrides(argv)
+        rest, overrides = config_lib.split_overrides(argv)
         return cmd_plan(parser.parse_args(rest), overrides)
     except config_lib.ConfigError as e:
         print(f"vlm-jax plan: config error: {e}", file=sys.stderr)

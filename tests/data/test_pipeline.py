@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlm_jax.config_defaults import base_config
 from vlm_jax.data import pipeline, sources, world
-from vlm_jax.data.pipeline import DataError
+from vlm_jax.data.errors import DataError
 from vlm_jax.data.tokenizer import Tokenizer
 
 S = 8

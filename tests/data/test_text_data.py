@@ -9,7 +9,8 @@ import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax.data import text, world
-from vlm_jax.data.pipeline import DataError, train_batches
+from vlm_jax.data.errors import DataError
+from vlm_jax.data.pipeline import train_batches
 from vlm_jax.data.tokenizer import Tokenizer
 from vlm_jax.models import llama
 from vlm_jax.tasks import lm

@@ -61,7 +61,6 @@ from vlm_jax.bench.common import (
     PeerSkipped, describe_optimizer, import_torch, load_average, load_note, num_cores, time_steps,
     torch_optimizer, torch_threads, torch_train_step, trainer_step, write_json,
 )
-from vlm_jax.cli import _split_overrides
 from vlm_jax.models.llama import Llama, from_config, init_cache
 
 # jax device_kind substring -> (peak dense bfloat16 FLOP/s, peak memory bandwidth in B/s), per
@@ -538,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses argv, runs the benchmark, prints the table (and writes --json); returns the result."""
-    rest, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
+    rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
     config = load_config(args.config, overrides, small=args.small, device_report=args.device_report,
                          dtype=args.dtype, scan_layers=args.scan_layers, remat=args.remat)

@@ -26,7 +26,6 @@ from vlm_jax.bench.common import (
     PeerSkipped, describe_optimizer, import_torch, load_average, load_note, num_cores, time_steps,
     torch_optimizer, torch_threads, torch_train_step, trainer_step,
 )
-from vlm_jax.cli import _split_overrides
 from vlm_jax.layers.transformer import mlp_dim_from
 
 # Our activation names -> Hugging Face's ACT2FN names.
@@ -409,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses argv, runs the benchmark, prints the table and returns the result dict."""
-    rest, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
+    rest, overrides = config_lib.split_overrides(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
     config = config_lib.load(args.config, overrides)
     devices = jax.devices()[: args.devices] if args.devices else None

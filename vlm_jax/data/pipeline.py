@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from vlm_jax.data import sources as sources_lib
+from vlm_jax.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ MIN_EXAMPLES_FOR_BAD_CHECK = 200
 READ_THREADS = 2
 _CROP_MIN_SCALE = 0.8  # random resized crop keeps 80-100% of the (square) image area
 _STATE_VERSION = 1
-
-
-class DataError(RuntimeError):
-    """The data cannot feed the run: too many unusable examples, or an empty source."""
 
 
 # ----------------------------------------------------------------------------- images

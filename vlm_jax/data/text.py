@@ -25,6 +25,8 @@ from typing import Any
 import grain.python as grain
 import numpy as np
 
+from vlm_jax.data.errors import DataError
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("world_text", "world_instruct", "alpaca")
@@ -310,8 +312,6 @@ class TextIterator:
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
     def _check_bad(self, bad_run: int) -> None:
-        from vlm_jax.data.pipeline import DataError
-
         seen = self._counts["data/examples_seen"]
         bad = sum(self._counts[k] for k in COUNTERS if k.startswith("data/skipped_"))
         if bad_run >= self._epoch_length or (seen >= self._min_seen and bad > self._max_bad * seen):
@@ -336,8 +336,6 @@ class TextIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a state from get_state of an identically configured iterator."""
-        from vlm_jax.data.pipeline import DataError
-
         if state.get("version") != _STATE_VERSION:
             raise DataError(f"text iterator state version {state.get('version')} is not supported")
         if state.get("layout", {}) != self._layout:
@@ -362,8 +360,6 @@ def train_batches(
     seed: int | None = None, source: Any = None,
 ) -> TextIterator:
     """This host's infinite stream of batches of config.data.batch_size // process_count rows."""
-    from vlm_jax.data.pipeline import DataError
-
     batch_size = int(config.data.batch_size)
     if batch_size % process_count:
         raise ValueError(f"data.batch_size {batch_size} is not divisible by {process_count} hosts")
