@@ -95,11 +95,17 @@ def capture_native_stderr(passthrough: bool = False) -> Iterator[NativeLog]:
         sys.stderr.flush()
 
 
+def show_xla_logs() -> bool:
+    """Whether XLA's own log lines are passed on (VLM_JAX_PLAN_XLA_LOGS=1) rather than counted."""
+    return bool(os.environ.get("VLM_JAX_PLAN_XLA_LOGS"))
+
+
 __all__ = [
     "COLLECTIVES",
     "NativeLog",
     "SPMD_FULL_REMAT",
     "capture_native_stderr",
     "collective_stats",
+    "show_xla_logs",
     "spmd_full_rematerializations",
 ]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vlm_jax.parallel import compiled
+from vlm_jax.plan import collectives
 
 HLO = """
   %all-gather.3 = f32[64,32]{1,0} all-gather(f32[16,32]{1,0} %p), channel_id=1, dimensions={0}
@@ -24,7 +24,7 @@ HLO = """
 
 
 def test_collective_stats_counts_result_bytes():
-    stats = compiled.collective_stats(HLO)
+    stats = collectives.collective_stats(HLO)
     assert stats["all-gather"] == {"count": 2, "bytes": 64 * 32 * 4 + 64 * 4}  # the -start's output only
     # Both arrays of a combined all-reduce (its async form returns only the outputs).
     assert stats["all-reduce"] == {"count": 2, "bytes": 8 * 128 * 4 + 4 * 2 + 2 * 8 * 4}
@@ -38,16 +38,16 @@ def test_collective_stats_of_a_real_sharded_matmul():
     b = jax.ShapeDtypeStruct((64, 16), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("x", None)))
     out = NamedSharding(mesh, PartitionSpec())
     text = jax.jit(jnp.matmul, out_shardings=out).lower(a, b).compile().as_text()
-    stats = compiled.collective_stats(text)
+    stats = collectives.collective_stats(text)
     # Each device multiplies its 16-wide slices; the [8, 16] partial products are summed.
     assert stats["all-reduce"]["bytes"] == 8 * 16 * 4, stats
 
 
 def test_capture_native_stderr_reads_file_descriptor_2(capfd):
-    with compiled.capture_native_stderr() as log:
+    with collectives.capture_native_stderr() as log:
         os.write(2, b"W1127 spmd_partitioner.cc] [SPMD] Involuntary full rematerialization. x\n")
-    assert compiled.spmd_full_rematerializations(log.text) == 1
+    assert collectives.spmd_full_rematerializations(log.text) == 1
     assert capfd.readouterr().err == ""  # nothing leaked past the capture
-    with compiled.capture_native_stderr(passthrough=True) as log:
+    with collectives.capture_native_stderr(passthrough=True) as log:
         os.write(2, b"native line\n")
     assert log.text == "native line\n" and "native line" in capfd.readouterr().err
