@@ -1,5 +1,6 @@
-"""What the benchmarks beside a PyTorch peer share: the timer, the machine's cores and load, our
-trainer's jitted step, the peer's threads, optimiser and step, and the result as JSON.
+"""What the benchmarks beside a PyTorch peer share: the timer, the machine's cores and load, the
+devices' peak FLOP/s and bandwidth, our trainer's jitted step, the peer's threads, optimiser, step
+and generate loop, and the result as JSON.
 
 torch is optional, so the torch helpers import it lazily (the peer is skipped without it).
 """
@@ -24,6 +25,17 @@ from vlm_jax.parallel import hosts
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.train import optim
 from vlm_jax.train.trainer import jit_train_step, sharding_context, state_initializer
+
+
+# jax device_kind substring -> (peak dense bfloat16 FLOP/s, peak memory bandwidth in B/s), per
+# device, from the vendors' data sheets (no sparsity); the first match wins.
+DEVICE_PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100-SXM4-80GB", 312e12, 2.039e12),
+    ("A100", 312e12, 1.555e12),
+)
 
 
 class PeerSkipped(Exception):
@@ -52,6 +64,24 @@ def load_note(load_before: float, cores: int) -> str | None:
             "processes skew these timings (torch's the most)")
 
 
+def device_peaks(
+    device: Any, peak_tflops: float | None = None, peak_bandwidth: float | None = None
+) -> dict[str, Any]:
+    """{'flops', 'bandwidth', 'source', 'device_kind'} of one device (anything with `platform` and
+    `device_kind`, e.g. a jax.Device): the flags, else DEVICE_PEAKS on a GPU, else None."""
+    flops = peak_tflops * 1e12 if peak_tflops else None
+    bandwidth = peak_bandwidth or None
+    sources = ["flags"] if flops or bandwidth else []
+    if device.platform == "gpu" and not (flops and bandwidth):
+        for kind, table_flops, table_bandwidth in DEVICE_PEAKS:
+            if kind in device.device_kind:
+                flops, bandwidth = flops or table_flops, bandwidth or table_bandwidth
+                sources.append(f"table ({kind})")
+                break
+    return dict(flops=flops, bandwidth=bandwidth, source=" + ".join(sources) or "none",
+                device_kind=device.device_kind)
+
+
 def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> dict[str, float]:
     """Runs `step` (which must block until done) warmup + steps times; per-step seconds."""
     times = []
@@ -71,7 +101,8 @@ def trainer_step(
     """Our train step on `batch`, built and jitted exactly as vlm_jax.train.trainer builds it.
 
     task: a vlm_jax.tasks module (or any object with its model_inputs and loss_fn). Returns
-    (one_step, abstract state, mesh); one_step runs a step on the batch and blocks until done.
+    (one_step, abstract state, mesh); one_step runs a step on the batch, blocks until done and
+    returns the step's metrics.
     """
     mesh = make_mesh(config.mesh, devices)
     rules = config.sharding_rules
@@ -90,11 +121,12 @@ def trainer_step(
     global_batch = hosts.global_batch(batch, batch_shardings)
     holder = {"state": state}
 
-    def one_step() -> None:
+    def one_step() -> dict[str, jax.Array]:
         with sharding_context(mesh, rules):
             new_state, metrics = train_step(holder["state"], global_batch, step_rng)
         holder["state"] = new_state
         jax.block_until_ready((new_state, metrics))
+        return metrics
 
     return one_step, abstract, mesh
 
@@ -154,17 +186,40 @@ def describe_optimizer(opt: Any) -> str:
 def torch_train_step(
     loss_of: Callable[[], Any], params: Sequence[Any], opt: Any, clip_norm: float
 ) -> Callable[[], None]:
-    """One torch step as our train step does it: loss, backward, clip by global norm, update."""
+    """One torch step as our train step does it: loss, backward, clip by global norm, update.
+
+    The step returns the loss (detached; reading it synchronises, so callers read it at the end).
+    """
     import torch
 
-    def one_step() -> None:
+    def one_step() -> Any:
         opt.zero_grad(set_to_none=True)
-        loss_of().backward()
+        loss = loss_of()
+        loss.backward()
         if clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, float(clip_norm), foreach=True)
         opt.step()
+        return loss.detach()
 
     return one_step
+
+
+def time_generate(
+    model: Any, ids: Any, new_tokens: int, repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Times HF model.generate(ids [B, P], greedy, use_cache=True) of exactly `new_tokens` tokens
+    after one warmup run; `sync` waits for the device. Adds tokens_per_s (B x new_tokens a run)."""
+    import torch
+
+    def run_once() -> None:
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                           pad_token_id=0)
+        sync()
+
+    timing = time_steps(run_once, repeats, warmup=1)
+    return dict(timing, tokens_per_s=ids.shape[0] * new_tokens / timing["median_step_s"])
 
 
 def _jsonable(value: Any) -> Any:

@@ -58,20 +58,11 @@ from vlm_jax import config as config_lib
 from vlm_jax import models
 from vlm_jax.tasks import lm as lm_task
 from vlm_jax.bench.common import (
-    PeerSkipped, describe_optimizer, import_torch, load_average, load_note, num_cores, time_steps,
-    torch_optimizer, torch_threads, torch_train_step, trainer_step, write_json,
+    PeerSkipped, describe_optimizer, device_peaks, import_torch, load_average, load_note, num_cores,
+    time_generate, time_steps, torch_optimizer, torch_threads, torch_train_step, trainer_step,
+    write_json,
 )
 from vlm_jax.models.llama import Llama, from_config, init_cache
-
-# jax device_kind substring -> (peak dense bfloat16 FLOP/s, peak memory bandwidth in B/s), per
-# device, from the vendors' data sheets (no sparsity); the first match wins.
-DEVICE_PEAKS = (
-    ("H200", 989e12, 4.8e12),
-    ("H100 PCIe", 756e12, 2.0e12),
-    ("H100", 989e12, 3.35e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("A100-SXM4-80GB", 312e12, 2.039e12),
-    ("A100", 312e12, 1.555e12),
-)
 
 # --small: a model and run small enough for a unit test (flags given explicitly still win).
 SMALL_MODEL = dict(vocab_size=128, width=32, depth=2, heads=2, kv_heads=1, mlp_dim=64, max_len=32)
@@ -85,7 +76,9 @@ PLAIN_MODEL = dict(dtype="float32", scan_layers=False, remat="none")
 REPORT_MODEL = dict(dtype="bfloat16", scan_layers=True, remat="dots")
 
 
-def flops_per_token(non_embedding_params: int, depth: int, attention_width: int, length: int) -> int:
+def flops_per_token(
+    non_embedding_params: int, depth: int, attention_width: int, length: int, causal: bool = False
+) -> int:
     """Model FLOPs of training on one token of a length-`length` sequence (forward + backward):
 
         6 * N + 12 * L * (H * D) * T        (PaLM's MFU, Chowdhery et al. 2022, appendix B)
@@ -95,9 +88,10 @@ def flops_per_token(non_embedding_params: int, depth: int, attention_width: int,
     T x T matmuls (QK^T and AV: 2 x 2 x T x H*D per token per layer in the forward, x3 with the
     backward), counted in full as PaLM does although the causal mask makes half of them moot.
     H*D (heads x head dim) is the width for every LLaMA. Remat's recomputation is hardware, not
-    model, FLOPs: it is not counted.
+    model, FLOPs: it is not counted. `causal` counts only the unmasked half of attention (6 L H D T),
+    as the H100 reference figures the GPU report compares with do.
     """
-    return 6 * non_embedding_params + 12 * depth * attention_width * length
+    return 6 * non_embedding_params + (6 if causal else 12) * depth * attention_width * length
 
 
 def param_counts(model: Llama) -> dict[str, int]:
@@ -112,23 +106,6 @@ def param_counts(model: Llama) -> dict[str, int]:
     embedding = math.prod(params["embed"]["embedding"].shape)
     return dict(total=total, embedding=embedding,
                 non_embedding=total if model.tie_embeddings else total - embedding)
-
-
-def device_peaks(
-    device: jax.Device, peak_tflops: float | None = None, peak_bandwidth: float | None = None
-) -> dict[str, Any]:
-    """{'flops', 'bandwidth', 'source'} of one device: the flags, else DEVICE_PEAKS on a GPU."""
-    flops = peak_tflops * 1e12 if peak_tflops else None
-    bandwidth = peak_bandwidth or None
-    sources = ["flags"] if flops or bandwidth else []
-    if device.platform == "gpu" and not (flops and bandwidth):
-        for kind, table_flops, table_bandwidth in DEVICE_PEAKS:
-            if kind in device.device_kind:
-                flops, bandwidth = flops or table_flops, bandwidth or table_bandwidth
-                sources.append(f"table ({kind})")
-                break
-    return dict(flops=flops, bandwidth=bandwidth, source=" + ".join(sources) or "none",
-                device_kind=device.device_kind)
 
 
 def lm_batch(tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -301,16 +278,8 @@ def bench_peer_decode(
     torch, _ = import_torch()
     with torch_threads() as threads, torch.inference_mode():
         model = _hf_llama(config).eval()
-        ids = torch.from_numpy(prompt).long()
-
-        def run_once() -> None:
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
-                           pad_token_id=0)
-
-        timing = time_steps(run_once, repeats, warmup=1)
-    return dict(timing, name=_peer_name(model), where=f"torch, {threads} threads",
-                tokens_per_s=prompt.shape[0] * new_tokens / timing["median_step_s"])
+        timing = time_generate(model, torch.from_numpy(prompt).long(), new_tokens, repeats)
+    return dict(timing, name=_peer_name(model), where=f"torch, {threads} threads")
 
 
 # The run.

@@ -126,7 +126,9 @@ def _hf_act(name: str) -> str:
     return _HF_ACTS[name]
 
 
-def _build_hf_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, str]:
+def build_hf_clip(config: ml_collections.ConfigDict) -> tuple[Any, Callable, str]:
+    """(HF CLIPModel of our ViT CLIP's sizes, loss_of(images [B, 3, S, S], tokens [B, L]) -> our
+    InfoNCE, its name); built on torch's default device."""
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
 
     image = config.model.image
@@ -285,7 +287,7 @@ def bench_peer(
     torch, transformers = import_torch()
     if config.model.get("loss", "softmax") != "softmax":
         raise PeerSkipped(f"the peers train the softmax loss only, not {config.model.loss!r}")
-    builders = {"vit": _build_hf_clip, "cnn": _build_cnn_clip, "resnet": _build_open_clip_resnet}
+    builders = {"vit": build_hf_clip, "cnn": _build_cnn_clip, "resnet": _build_open_clip_resnet}
     kind = config.model.image.kind
     if kind not in builders:
         raise PeerSkipped(f"no peer for image kind {kind!r}")
