@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import statistics
 import time
@@ -92,6 +93,19 @@ def time_steps(step: Callable[[], Any], steps: int, warmup: int) -> dict[str, fl
     timed = times[warmup:]
     return dict(first_step_s=times[0], median_step_s=statistics.median(timed),
                 mean_step_s=sum(timed) / len(timed))
+
+
+def time_with_losses(step: Callable[[], Any], steps: int, warmup: int) -> dict[str, Any]:
+    """time_steps of a step that returns its loss (a scalar array or tensor, or metrics with a
+    'loss'), plus loss_first / loss_last as floats, read after the timing so no step waits."""
+    losses: list[Any] = []
+
+    def one() -> None:
+        out = step()
+        losses.append(out["loss"] if isinstance(out, dict) else out)
+
+    timing = time_steps(one, steps, warmup)
+    return dict(timing, loss_first=float(losses[0]), loss_last=float(losses[-1]))
 
 
 def trainer_step(
@@ -223,6 +237,8 @@ def time_generate(
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return str(float(value))  # "inf" / "nan": strict JSON has no such numbers.
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
