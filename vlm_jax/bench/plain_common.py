@@ -7,6 +7,7 @@ computation runs in a given dtype, norms' statistics in float32 (as every mixed-
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,16 +49,19 @@ def normal_params(key: jax.Array, shapes: dict[str, Any], std: Callable[[tuple[i
     """A nested dict of float32 arrays of `shapes` (a nested dict of shape tuples): leaves named
     'scale' are ones, 'bias' zeros, the others normal with std(shape)."""
     leaves, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    out = []
-    for (path, shape), k in zip(leaves, keys):
+    sizes = [math.prod(shape) for _, shape in leaves]
+    # One draw cut into leaves: XLA's CPU compiler took seconds over one random op per leaf.
+    flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    out, start = [], 0
+    for (path, shape), size in zip(leaves, sizes):
         name = path[-1].key
         if name == "scale":
             out.append(jnp.ones(shape, jnp.float32))
         elif name == "bias":
             out.append(jnp.zeros(shape, jnp.float32))
         else:
-            out.append(std(shape) * jax.random.normal(k, shape, jnp.float32))
+            out.append(std(shape) * flat[start:start + size].reshape(shape))
+        start += size
     return jax.tree.unflatten(treedef, out)
 
 
