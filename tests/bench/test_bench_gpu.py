@@ -135,11 +135,15 @@ def test_report_arithmetic():
     text = gpu_report.markdown(report)
     assert "# GPU report: NVIDIA H100 80GB HBM3" in text and "PARAMETER COUNTS DIFFER" in text
     assert "| MFU | 12.4% | - | 9.9% |" in text
+    # Without the probe, the GPU nvidia-smi names gives the peaks.
+    del report["sections"]["probe"]
+    report["header"]["gpu"] = "NVIDIA H200, 550.54.15, 143771 MiB"
+    assert gpu_report.peaks(report)["bandwidth"] == 4.8e12
 
 
 def test_sections_share_the_time_left():
     assert sum(s.share for s in gpu.SECTIONS) == 100
-    assert gpu.section_timeout(480.0, 5, 100) == pytest.approx(24.0)
+    assert gpu.section_timeout(480.0, 6, 100) == pytest.approx(28.8)
     # Time a section left unused goes to the ones after it, in proportion.
     assert gpu.section_timeout(400.0, 10, 50) == pytest.approx(80.0)
     assert gpu.section_timeout(-3.0, 10, 50) == 0.0

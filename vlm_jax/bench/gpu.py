@@ -66,8 +66,8 @@ _JAX, _TORCH = "vlm_jax.bench.gpu_sections", "vlm_jax.bench.torch_peers"
 # Shares in percent of the budget, from estimates for an H100 (compile + 13 steps for the train
 # steps; the attention table compiles about 80 kernels).
 SECTIONS = (
-    Section("probe", f"{_JAX}:probe", 5),
-    Section("kernel_tests", "vlm_jax.bench.gpu_kernel_tests:kernel_tests", 14),
+    Section("probe", f"{_JAX}:probe", 6),  # A cold machine: importing jax and starting CUDA.
+    Section("kernel_tests", "vlm_jax.bench.gpu_kernel_tests:kernel_tests", 13),
     Section("llama_ours", f"{_JAX}:llama_ours", 10),
     Section("llama_plain", f"{_JAX}:llama_plain", 9),
     Section("llama_torch", f"{_TORCH}:llama_train", 8, torch=True),

@@ -30,11 +30,13 @@ def _result(report: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 
 def peaks(report: dict[str, Any]) -> dict[str, Any]:
-    """Peak FLOP/s and bandwidth of the probed device (DEVICE_PEAKS), or from the flags."""
-    probe = _result(report, "probe") or {}
+    """Peak FLOP/s and bandwidth of the probed device (DEVICE_PEAKS; without the probe, of the GPU
+    nvidia-smi names), or from the flags."""
+    probe, header = _result(report, "probe") or {}, report["header"]
+    if not probe and header.get("gpu"):
+        probe = dict(platform="gpu", device_kind=header["gpu"].split(",")[0])
     device = types.SimpleNamespace(platform=probe.get("platform", "unknown"),
                                    device_kind=probe.get("device_kind", "unknown"))
-    header = report["header"]
     return device_peaks(device, header.get("peak_tflops"), header.get("peak_bandwidth"))
 
 

@@ -66,6 +66,16 @@ def _auto_attention(b: int, t: int, heads: int, kv_heads: int, head_dim: int, dt
     return choose_impl(q, kv, kv, causal=causal, segment_ids=seg)
 
 
+def _ours_details(config: Any, model: str, attention: str) -> dict[str, str]:
+    """The descriptive fields of our step's result (attention: what `auto` picked)."""
+    cfg, optim = config.model, config.optim
+    return dict(name=f"vlm_jax {model}, the trainer's jitted step (jax {jax.__version__})",
+                attention=f"vlm_jax.kernels.attention auto -> {attention}",
+                compute=f"{cfg.dtype}, scan_layers {cfg.scan_layers}, remat {cfg.remat}",
+                optimizer=f"optax {optim.name} + clip {optim.clip_norm:g} (the trainer's chain)",
+                device=jax.devices()[0].device_kind)
+
+
 def _first_device() -> list[jax.Device]:
     return jax.devices()[:1]
 
@@ -103,11 +113,7 @@ def llama_ours(args: argparse.Namespace) -> dict[str, Any]:
     return workloads.train_result(
         "ours", timing, size, tokens.size, "tokens", counts["total"],
         _llama_flops(config, counts["non_embedding"], t),
-        name=f"vlm_jax Llama, the trainer's jitted step (jax {jax.__version__})",
-        attention=f"vlm_jax.kernels.attention auto -> {impl} (with segment ids)",
-        compute=f"{cfg.dtype}, scan_layers {cfg.scan_layers}, remat {cfg.remat}",
-        optimizer=f"optax {config.optim.name} + clip {config.optim.clip_norm:g} (the trainer's chain)",
-        device=jax.devices()[0].device_kind)
+        **_ours_details(config, "Llama", f"{impl} (with segment ids)"))
 
 
 def llama_plain(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,12 +167,7 @@ def clip_ours(args: argparse.Namespace) -> dict[str, Any]:
                  for name, c, t, causal in towers]
     return workloads.train_result(
         "ours", timing, size, b, "images", param_count(abstract["params"]), 3 * flops,
-        forward_flops_per_pair=flops,
-        name=f"vlm_jax CLIP, the trainer's jitted step (jax {jax.__version__})",
-        attention="vlm_jax.kernels.attention auto -> " + ", ".join(attention),
-        compute=f"{cfg.dtype}, scan_layers {cfg.scan_layers}, remat {cfg.remat}",
-        optimizer=f"optax {config.optim.name} + clip {config.optim.clip_norm:g} (the trainer's chain)",
-        device=jax.devices()[0].device_kind)
+        forward_flops_per_pair=flops, **_ours_details(config, "CLIP", ", ".join(attention)))
 
 
 def clip_plain(args: argparse.Namespace) -> dict[str, Any]:
