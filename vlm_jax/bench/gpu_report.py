@@ -202,7 +202,7 @@ def _kernel_tests_markdown(report: dict[str, Any]) -> list[str]:
         lines += ["```", *r["output_tail"].splitlines()[-TAIL_LINES:], "```"]
     elif r and not r.get("no_junit"):
         lines.append(f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped, {r['errors']} errors "
-                     f"in {r['seconds']:.0f} s (`{r['command']}`, JAX_PLATFORMS={r['jax_platforms']})")
+                     f"in {r['seconds']:.0f} s (`{r['command']}`, JAX_PLATFORMS={r['jax_platforms'] or 'unset'})")
         lines += [f"- FAILED {x}" for x in r["failing"]]
         lines += [f"- skipped: {x}" for x in r["skip_reasons"]]
     elif r:
@@ -232,7 +232,9 @@ def _header_markdown(report: dict[str, Any]) -> list[str]:
         f"- platform {probe.get('platform', '?')} x{probe.get('device_count', '?')}; {versions}; "
         f"Python {h['python']}",
         f"- peaks: {_num(p['flops'], ',.0f', 1e-12, ' TFLOP/s')} dense bf16, "
-        f"{_num(p['bandwidth'], '.3g', 1e-12, ' TB/s')} (from {p['source']})",
+        f"{_num(p['bandwidth'], '.3g', 1e-12, ' TB/s')} (from {p['source']})"
+        + ("" if p["flops"] and p["bandwidth"] else "; unknown ones leave MFU / bandwidth fractions out: "
+           "pass --peak-tflops / --peak-bandwidth"),
     ]
     if h.get("small"):
         lines.append("- `--small`: toy shapes on this machine; no figure here says anything about a GPU")
