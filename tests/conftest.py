@@ -13,6 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = os.path.join(tempfile.gettempdir(), f"vlm_jax_pytest_cache_{os.getpid()}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# Random bits by the original (non-partitionable) threefry: on XLA's CPU compiler the partitionable
+# one makes every model.init program 2-3x slower to compile (a tiny CLIP's init 3.3 s against 1.3 s,
+# as long as its train step) and the default suite about a fifth slower; the values differ, the code
+# paths do not. tests/train/test_trainer.py trains one and eight devices with JAX's default (what a
+# run uses); `JAX_THREEFRY_PARTITIONABLE=true pytest` runs everything that way.
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
 
 import shutil  # noqa: E402
 
@@ -49,7 +55,8 @@ def tiny_clip_config(world_cache):
             "data.tfds_data_dir": str(world_cache / "tfds"),
             "data.batch_size": 16,
             "tokenizer.path": str(world_cache / "tokenizer.model"),
-            "model.image.channels": (8, 16, 16, 16),
+            "model.image.channels": (8, 16, 16),
+            "model.text.depth": 1,
             # Mean pooling: at these widths it learns faster in a few steps than the flatten head.
             "model.image.pool": "mean",
             "model.text.width": 32,
@@ -67,19 +74,30 @@ def tiny_clip_config(world_cache):
     with config.unlocked():
         config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
         config.evals = ml_collections.ConfigDict()
+        # Every test that trains this config as it is compiles the same two programs (init, step)
+        # on the same 8-device mesh (data, fsdp and tensor all split), so after the first the
+        # persistent compilation cache serves them. Tests that change a key the step depends on
+        # (steps, lr, warmup, batch, mesh, model) compile their own.
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     return config
 
 
-# The longest tests first, so that on 2 xdist workers the short ones fill the gaps at the end
-# instead of one long test running alone while the other worker idles.
+# How the default run shares its 2 cores (pytest.ini: `-n 2 --dist loadfile --no-loadscope-reorder`):
+# each test file is one unit of work for one xdist worker, so its module fixtures and the programs
+# its tests compile are made once, not once per worker, and tests that train the same config run in
+# a row, the first one's compiles serving the rest from the persistent cache. The longest units go
+# first, so that the short ones fill the gaps at the end instead of one long unit running alone
+# while the other worker idles. (`--dist loadgroup` would group across files, but pytest 9.2 ignores
+# the node ids xdist 3.8 rewrites for it.)
 _LONGEST_FIRST = (
     "tests/parallel/test_multihost.py",
     "tests/train/",
+    "tests/kernels/",
+    "tests/sampling/",
+    "tests/models/test_captioners.py",
     "tests/layers/test_lora.py",
     "tests/test_sweep.py",
-    "tests/test_plan.py",
-    "tests/models/test_captioners.py",
-    "tests/sampling/",
+    "tests/plan/",
 )
 
 
