@@ -1,4 +1,5 @@
-"""The training loop: sharding equivalence, exact resume, preemption, non-finite losses."""
+"""The training loop: sharding equivalence, exact resume, preemption, non-finite losses, and the
+command line that runs it (train, eval, data preview)."""
 
 import os
 import signal
@@ -7,10 +8,13 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from vlm_jax import config as config_lib
+from vlm_jax.cli import main
 from vlm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
 from vlm_jax.train.metrics import read_metrics
 from vlm_jax.train.trainer import NonFiniteLossError, train
@@ -26,14 +30,16 @@ def _params(workdir, step):
 
 
 def test_one_device_and_eight_sharded_devices_agree(tiny_clip_config, tmp_path):
+    # With JAX's default random bits, as a run makes them (tests/conftest.py turns them off for
+    # compile time): sharded over eight devices, the partitionable threefry gives the same init.
     one = tiny_clip_config.copy_and_resolve_references()
     with one.unlocked():
-        one.mesh.data = 1
-    train(one, str(tmp_path / "one"), devices=jax.devices()[:1])
-    eight = tiny_clip_config.copy_and_resolve_references()
-    with eight.unlocked():
-        eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
-    summary = train(eight, str(tmp_path / "eight"))
+        one.mesh.data, one.mesh.fsdp, one.mesh.tensor = 1, 1, 1
+    eight = tiny_clip_config  # data=2 x fsdp=2 x tensor=2
+    assert dict(eight.mesh) == dict(data=2, fsdp=2, tensor=2)
+    with jax.threefry_partitionable(True):
+        train(one, str(tmp_path / "one"), devices=jax.devices()[:1])
+        summary = train(eight, str(tmp_path / "eight"))
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "eight")
     assert len(a) == len(b) == 5
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
@@ -42,29 +48,25 @@ def test_one_device_and_eight_sharded_devices_agree(tiny_clip_config, tmp_path):
 
 
 def test_resume_is_bit_identical(tiny_clip_config, tmp_path):
-    config = tiny_clip_config.copy_and_resolve_references()
-    with config.unlocked():
-        config.train.steps = 20
+    config = tiny_clip_config  # 5 steps, sharded over data, fsdp and tensor
     train(config, str(tmp_path / "straight"))
-    first = train(config, str(tmp_path / "resumed"), stop_at_step=10)
-    assert first["step"] == 10 and not first["finished"]
+    first = train(config, str(tmp_path / "resumed"), stop_at_step=2)
+    assert first["step"] == 2 and not first["finished"]
     second = train(config, str(tmp_path / "resumed"))
-    assert second["step"] == 20 and second["finished"]
-    a, b = _params(tmp_path / "straight", 20), _params(tmp_path / "resumed", 20)
+    assert second["step"] == 5 and second["finished"]
+    a, b = _params(tmp_path / "straight", 5), _params(tmp_path / "resumed", 5)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # The resumed run saw the same batches: its losses after the restart equal the straight run's.
-    assert _losses(tmp_path / "straight")[10:] == _losses(tmp_path / "resumed")[10:]
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 5 and straight[2:] == resumed[2:]
 
 
 def test_checkpoint_of_the_wrong_shape_is_a_clear_error(tiny_clip_config, tmp_path):
     config = tiny_clip_config.copy_and_resolve_references()
-    with config.unlocked():
-        config.train.steps = 1
-    train(config, str(tmp_path / "run"))
+    train(config, str(tmp_path / "run"), stop_at_step=1)
     with config.unlocked():
         config.model.embed_dim = 48
-        config.train.steps = 2
     with pytest.raises(CheckpointMismatchError, match="does not fit") as err:
         train(config, str(tmp_path / "run"))
     # It names the arrays that differ (and only those: the text tower's shapes did not change).
@@ -72,15 +74,66 @@ def test_checkpoint_of_the_wrong_shape_is_a_clear_error(tiny_clip_config, tmp_pa
     assert "params/text/token_embedding" not in str(err.value)
 
 
-def test_non_finite_loss_skips_the_update_and_stops(tiny_clip_config, tmp_path):
+class _PoisonedFrom:
+    """The training batches, with NaN images from batch `first` on (numbered from 1)."""
+
+    def __init__(self, batches, first):
+        self._batches, self._first, self._n = batches, first, 0
+
+    def __next__(self):
+        batch, self._n = dict(next(self._batches)), self._n + 1
+        if self._n >= self._first:
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    def __getattr__(self, name):  # get_state, stats, close
+        return getattr(self._batches, name)
+
+
+def test_non_finite_loss_skips_the_update_and_stops(tiny_clip_config, tmp_path, monkeypatch):
+    from vlm_jax.data import pipeline
+
     config = tiny_clip_config.copy_and_resolve_references()
     with config.unlocked():
-        config.optim.lr = float("inf")  # The first update makes every param non-finite...
-        config.optim.warmup_steps = 0
-        config.optim.clip_norm = 0.0
         config.train.max_nonfinite_steps = 2
-    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at steps"):
+    # Step 1 trains; from step 2 on the gradient is NaN. (Poisoned data rather than an infinite
+    # learning rate: the step is the one the other tests compile, so the compilation cache serves it.)
+    make = pipeline.train_batches
+    monkeypatch.setattr(pipeline, "train_batches", lambda *a, **kw: _PoisonedFrom(make(*a, **kw), 2))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at steps 2..3"):
         train(config, str(tmp_path / "run"))
+    assert np.isfinite(_losses(tmp_path / "run")[0])
+
+
+def test_cli_train_then_eval_then_preview(tiny_clip_config, tmp_path, capsys):
+    """Also the smoke test of test_end_to_end.py's test_tiny_clip_learns_and_reports_evals (-m slow):
+    the tiny CLIP's train step (this file's other tests compile it: it runs after them, in the same
+    xdist worker, from the compilation cache), then its zero-shot and retrieval evaluators."""
+    config = tiny_clip_config.copy_and_resolve_references()
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict(
+            dict(val=dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=32))
+        )
+    spec = tmp_path / "cfg.py"
+    spec.write_text(
+        "import ml_collections\n"
+        f"def get_config(arg=None):\n    return ml_collections.ConfigDict({config.to_dict()!r})\n"
+    )
+    workdir = str(tmp_path / "run")
+    # An override that leaves the compiled step as it is (the seed is an input of the step).
+    assert main(["train", "--config", str(spec), "--workdir", workdir, "--config.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "val/zero_shot_top1" in out and "val/i2t_r1" in out and "checkpoints:" in out
+    saved = config_lib.from_json((tmp_path / "run" / "config.json").read_text())
+    assert saved.seed == 3 and saved.train.steps == 5
+    assert main(["eval", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    assert "step 5" in out and "val/t2i_r5" in out
+    png = tmp_path / "preview.png"
+    assert main(["data", "preview", "--config", str(spec), "--out", str(png), "--num", "4"]) == 0
+    assert png.exists() and png.stat().st_size > 1000
+    assert main(["train", "--config", str(spec), "--workdir", workdir, "--config.optim.lrr=1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
 
 
 # The default suite covers SIGTERM through tests/parallel/test_multihost.py (one of two processes
