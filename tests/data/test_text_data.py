@@ -102,8 +102,10 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tok):
     row = text.pack_examples(packed, length)
     single = [text.pack_examples([ex], length) for ex in packed]
     batch = {k: np.stack([row[k]] + [s[k] for s in single]) for k in row}
-    params = nn.unbox(model.init(jax.random.key(0), *lm.model_inputs(batch)))["params"]
-    nll = np.asarray(lm.token_nll(model.apply({"params": params}, *lm.model_inputs(batch)), batch["targets"]))
+    inputs = lm.model_inputs(batch)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs))["params"]
+    apply = jax.jit(model.apply)  # op by op, each of the model's small ops would compile on its own
+    nll = np.asarray(lm.token_nll(apply({"params": params}, *inputs), batch["targets"]))
     mask = batch["loss_mask"]
     for k in range(len(packed)):
         seg = batch["segment_ids"][0] == k + 1
@@ -112,7 +114,7 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(tok):
         np.testing.assert_allclose(packed_loss, alone, rtol=1e-5, atol=1e-6)
     # Without segment ids the second example would see the first: the check above can fail.
     leaky = np.asarray(lm.token_nll(
-        model.apply({"params": params}, batch["tokens"][:1], batch["positions"][:1], None), batch["targets"][:1]))
+        apply({"params": params}, batch["tokens"][:1], batch["positions"][:1], None), batch["targets"][:1]))
     seg2 = batch["segment_ids"][0] == 2
     assert not np.allclose((leaky[0] * mask[0] * seg2).sum(), (nll[0] * mask[0] * seg2).sum(), rtol=1e-4)
 

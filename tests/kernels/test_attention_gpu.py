@@ -104,6 +104,11 @@ def _inputs(case: Case, seed: int):
     return q, k, v, cot, seg, kv_seg
 
 
+# The interpreted kernels are big XLA programs: on the CPU, compile them without LLVM optimisation
+# (a third less time; tests/kernels/test_attention_tpu.py does the same).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
 def _value_and_grads(fn, q, k, v, cot):
     """(out, (dq, dk, dv)) of sum(fn(q, k, v) * cot), in one jitted function."""
 
@@ -111,7 +116,8 @@ def _value_and_grads(fn, q, k, v, cot):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(cot.astype(out.dtype))
 
-    return jax.jit(run)(q, k, v, cot)
+    options = FAST_COMPILE if jax.devices()[0].platform == "cpu" else None
+    return jax.jit(run).lower(q, k, v, cot).compile(compiler_options=options)(q, k, v, cot)
 
 
 def _assert_close(name: str, got: jax.Array, want: jax.Array, tol: float) -> None:

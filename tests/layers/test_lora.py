@@ -50,11 +50,13 @@ def test_llama_with_adapters_equals_merged_llama(scan):
     spec = llama.LoraSpec(rank=4, alpha=8.0, targets=("query", "value", "down"))
     model = _small(lora=spec, scan_layers=scan)
     tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 61)
-    params = _randomise_adapters(nn.unbox(model.init(jax.random.key(0), tokens))["params"])
+    # Jitted: op by op, the models' many small ops each compile on their own (twice the time).
+    params = jax.jit(lambda: _randomise_adapters(nn.unbox(model.init(jax.random.key(0), tokens))["params"]))()
     merged = lora.merge(params, 8.0)
     assert not lora.has_adapters(merged)
     np.testing.assert_allclose(
-        model.apply({"params": params}, tokens), _small(scan_layers=scan).apply({"params": merged}, tokens),
+        jax.jit(model.apply)({"params": params}, tokens),
+        jax.jit(_small(scan_layers=scan).apply)({"params": merged}, tokens),
         atol=2e-5, rtol=2e-5,
     )
     with pytest.raises(ValueError, match="not projections"):
@@ -63,16 +65,16 @@ def test_llama_with_adapters_equals_merged_llama(scan):
 
 def test_frozen_params_have_no_optimizer_state():
     model = _small(lora=llama.LoraSpec(rank=2))
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
     config = config_lib.load("configs/llama.py:tiny", {"model.lora.rank": 2, "optim.warmup_steps": 0})
     trainable = optim.trainable_fn(config)
     tx = optim.make_optimizer(config.optim, 10, trainable)
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)
     n_adapters = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if lora.is_adapter(p))
     n_state = sum(x.size for x in jax.tree.leaves(state) if hasattr(x, "size") and x.ndim > 0)
     assert n_state == 2 * n_adapters  # Adam's two moments, for the adapters only
     grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = tx.update(grads, state, params)
+    updates, _ = jax.jit(tx.update)(grads, state, params)
     for path, u in jax.tree_util.tree_flatten_with_path(updates)[0]:
         assert bool(jnp.any(u != 0)) == lora.is_adapter(path), lora.path_string(path)
     # A regex picks trainable params without LoRA (e.g. only the output head).

@@ -35,7 +35,7 @@ def _small(**kw):
 def small():
     model = _small()
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 61)
-    params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
     return model, params, tokens
 
 
@@ -63,9 +63,9 @@ def test_param_axis_names():
 def test_tied_embeddings():
     model = _small(tie_embeddings=True)
     tokens = jnp.arange(6)[None]
-    params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
     assert "lm_head" not in params
-    assert model.apply({"params": params}, tokens).shape == (1, 6, 61)
+    assert jax.jit(model.apply)({"params": params}, tokens).shape == (1, 6, 61)
 
 
 def test_causal(small):
@@ -114,7 +114,7 @@ def test_gradients_scanned_remat(small):
     _, params, tokens = small
     scanned = _small(scan_layers=True, remat="full")
     stacked = stack_layers(params)
-    grads = jax.grad(lambda p: scanned.apply({"params": p}, tokens).mean())(stacked)
+    grads = jax.jit(jax.grad(lambda p: scanned.apply({"params": p}, tokens).mean()))(stacked)
     assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 

@@ -43,8 +43,9 @@ def _spec(config, path):
 
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
-    """A persistent compilation cache the subprocesses share: the later ones skip most compiles."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
+    """The persistent compilation cache the subprocesses share: the pytest run's own (tests/conftest.py
+    names it), so the later processes (this file's tests run in a row) skip most compiles."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.mktemp("jax_cache"))
 
 
 def _env(cache=None, **extra):
