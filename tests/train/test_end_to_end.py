@@ -47,16 +47,19 @@ def _shrunk_vit(world_cache, **overrides):
     return config
 
 
-# A learning run (150 steps); its smoke test is test_trainer.py's test_cli_train_then_eval_then_preview.
+# A learning run (300 steps); its smoke test is test_trainer.py's test_cli_train_then_eval_then_preview.
 @pytest.mark.slow
 def test_tiny_clip_learns_and_reports_evals(tiny_clip_config, tmp_path):
     config = tiny_clip_config.copy_and_resolve_references()
     with config.unlocked():
-        config.train.steps = 150
+        config.train.steps = 300
         config.optim.warmup_steps = 10
-        # The full tiny run's 1.5e-3 is too hot for this shrunk model at batch 16 (zero-shot
-        # stays at 0 after 150 steps; 1e-3 gets 0.12).
+        # The full tiny run's 1.5e-3 is too hot for this shrunk model at batch 16.
         config.optim.lr = 1e-3
+        # Towers a little larger than the default suite's shared config (one text layer, three CNN
+        # stages), which compiles faster but learns less.
+        config.model.image.channels = (8, 16, 16, 16)
+        config.model.text.depth = 2
         config.evals = ml_collections.ConfigDict(
             dict(val=dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=64))
         )
@@ -64,17 +67,19 @@ def test_tiny_clip_learns_and_reports_evals(tiny_clip_config, tmp_path):
     losses = _losses(tmp_path / "clip")
     # It starts near 0.5 * (ln 2B + ln B) (each image's own wrongly bound caption joins the
     # image->text softmax); those one-word-apart negatives keep it well above 0 for a while.
+    # Over seeds 0-2 and both threefry implementations: last/first 0.42-0.55, beats 0.74-0.81.
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
-    assert np.mean(_metric(tmp_path / "clip", "train/batch_beats_negative")[-10:]) > 0.6
+    assert np.mean(_metric(tmp_path / "clip", "train/batch_beats_negative")[-10:]) > 0.65
     ev = summary["eval"]
     # Chance: 1/48 (top-1) and 5/48 (top-5) for zero-shot, 1/64 and 10/64 for retrieval R@1, R@10.
-    # This shrunk model sees 150 batches of 16; the full tiny run reaches far more (see README).
-    # Its top-1 over 64 images is still noise (0.02-0.05), so the check is on top-5 (0.33 vs 0.10).
-    assert ev["val/zero_shot_top5"] > 0.2
-    assert ev["val/i2t_r1"] > 0.08 and ev["val/t2i_r10"] > 0.3
+    # This shrunk model sees 300 batches of 16; the full tiny run reaches far more (see README).
+    # Over 64 images these are noisy (same six runs: zero-shot top-5 0.22-0.44, i2t R@1
+    # 0.08-0.31, t2i R@10 0.65-0.75), so the bounds sit about two standard errors above chance.
+    assert ev["val/zero_shot_top5"] > 0.18
+    assert ev["val/i2t_r1"] > 0.05 and ev["val/t2i_r10"] > 0.5
     assert {"val/zero_shot_top1_heldout", "val/i2t_r5", "val/t2i_r1"} <= set(ev)
     logged = [r for r in read_metrics(tmp_path / "clip") if "val/zero_shot_top1" in r]
-    assert logged and logged[-1]["step"] == 150
+    assert logged and logged[-1]["step"] == 300
 
 
 @pytest.mark.slow  # a learning run (120 steps); the gradient accumulation test is its smoke test

@@ -143,6 +143,7 @@ def test_sigterm_saves_and_exits_zero(tiny_clip_config, tmp_path):
     config = tiny_clip_config.copy_and_resolve_references()
     with config.unlocked():
         config.train.steps = 100000
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # its one device
     spec = tmp_path / "cfg.py"
     spec.write_text(
         "import ml_collections\n"
