@@ -4,7 +4,8 @@
     loss_fn(model, params, batch, rng, config, model_state) -> (loss, {"metrics": ..., "model_state": ...})
 
 where `model_state` holds the model's non-parameter collections (e.g. BatchNorm statistics; {} for
-most models). The trainer finds the module from `config.task.name`.
+most models). A loss_fn with a keyword `step` also gets the train step (an int32 scalar) for
+schedules inside the loss. The trainer finds the module from `config.task.name`.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -50,10 +51,14 @@ def make_train_step(
     from vlm_jax.train.optim import trainable_fn
 
     trainable = trainable_fn(config)
+    # A loss that anneals something over training (a Gumbel temperature, a KL weight) declares a
+    # keyword `step`: it gets the state's step (int32 scalar, the same for every micro-batch).
+    takes_step = "step" in inspect.signature(loss_fn).parameters
 
-    def grads_of(params, model_state, batch, rng):
+    def grads_of(params, model_state, batch, rng, step):
         def f(p):
-            return loss_fn(model, p, batch, rng, config, model_state)
+            extra = {"step": step} if takes_step else {}
+            return loss_fn(model, p, batch, rng, config, model_state, **extra)
 
         (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, aux, grads
@@ -62,7 +67,7 @@ def make_train_step(
         rng = jax.random.fold_in(base_rng, state["step"])
         params = state["params"]
         if accum == 1:
-            loss, aux, grads = grads_of(params, state["model_state"], batch, rng)
+            loss, aux, grads = grads_of(params, state["model_state"], batch, rng, state["step"])
             metrics, model_state = aux["metrics"], aux["model_state"]
         else:
             micro = _split_micro(batch, accum)
@@ -70,7 +75,9 @@ def make_train_step(
             def body(carry, xs):
                 grads_sum, model_state = carry
                 mb, i = xs
-                loss, aux, grads = grads_of(params, model_state, mb, jax.random.fold_in(rng, i))
+                loss, aux, grads = grads_of(
+                    params, model_state, mb, jax.random.fold_in(rng, i), state["step"]
+                )
                 grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
                 return (grads_sum, aux["model_state"]), (loss, aux["metrics"])
 
