@@ -65,3 +65,40 @@ def test_clipping_bounds_the_update():
     params = {"kernel": jnp.zeros((4,))}
     updates, _ = tx.update({"kernel": jnp.full((4,), 100.0)}, tx.init(params), params)
     np.testing.assert_allclose(float(jnp.linalg.norm(updates["kernel"])), 1.0, rtol=1e-5)
+
+
+def _grouped(**groups):
+    cfg = base_config().optim
+    with cfg.unlocked():
+        cfg.warmup_steps, cfg.schedule, cfg.weight_decay, cfg.clip_norm = 0, "constant", 0.0, 0.0
+        cfg.groups = ml_collections.ConfigDict(groups)
+    return cfg
+
+
+def test_groups_are_optimisers_of_their_own():
+    """Each group its own Adam (lr, b1) and state; the rest with config.optim; frozen stay put."""
+    params = {"generator": {"kernel": jnp.ones((2,))}, "discriminator": {"kernel": jnp.ones((2,))},
+              "text": {"kernel": jnp.ones((2,))}}
+    cfg = _grouped(generator=dict(pattern="^generator/", lr=0.1, b1=0.5),
+                   discriminator=dict(pattern="^discriminator/", lr=0.01))
+    frozen = lambda p: {k: jax.tree.map(lambda _: k != "text", v) for k, v in p.items()}  # noqa: E731
+    tx = make_optimizer(cfg, 10, frozen)
+    state = tx.init(params)
+    assert set(state.inner_states) == {"generator", "discriminator", "train", "frozen"}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, state, params)
+    # Adam's first step moves every param by its lr (sign of the gradient).
+    np.testing.assert_allclose(updates["generator"]["kernel"], -0.1, rtol=1e-5)
+    np.testing.assert_allclose(updates["discriminator"]["kernel"], -0.01, rtol=1e-5)
+    np.testing.assert_allclose(updates["text"]["kernel"], 0.0)
+    # The same step through one optimiser with the base lr for a param no group names.
+    cfg = _grouped(generator=dict(pattern="^generator/", lr=0.1))
+    updates, _ = make_optimizer(cfg, 10).update(grads, make_optimizer(cfg, 10).init(params), params)
+    np.testing.assert_allclose(updates["text"]["kernel"], -cfg.lr, rtol=1e-5)
+
+
+def test_bad_groups_are_clear_errors():
+    with pytest.raises(ValueError, match="give a 'pattern'"):
+        make_optimizer(_grouped(generator=dict(lr=0.1)), 10)
+    with pytest.raises(ValueError, match=r"unknown optimiser keys \['lrr'\]"):
+        make_optimizer(_grouped(generator=dict(pattern="g", lrr=0.1)), 10)
