@@ -1,0 +1,175 @@
+"""GAN-INT-CLS (Reed et al. 2016, "Generative Adversarial Text to Image Synthesis"): a DCGAN whose
+generator and discriminator both read a sentence embedding.
+
+Text: the sentence embedding is a frozen CLIP text tower's (TextTransformer + text_projection,
+L2-normalised), loaded from a CLIP run (train.init_from_map "text:text,text_projection:text_projection").
+The paper's char-CNN-RNN encoder is not built here (see configs/gan_int_cls.py).
+
+Generator: embedding -> dense to `text_dim` (128) + LeakyReLU(0.2), concatenated with z ~ N(0, I)
+(`z_dim`, 100), dense to a 4x4 map of ngf * 2^(n-1) channels, then n - 1 transposed 4x4 stride-2
+convolutions with batch norm and ReLU, halving the channels, and a last one to 3 channels with tanh
+(n = log2(image_size / 4)). The tanh output in [-1, 1] is mapped to the data normalisation
+((x + 1) / 2 - mean) / std, so real and generated images look the same to the discriminator.
+
+Discriminator: n strided 4x4 convolutions (ndf, 2 ndf, ...; LeakyReLU 0.2, batch norm after the
+first) down to 4x4; the embedding compressed by a dense layer to `text_dim` + LeakyReLU, tiled over
+the 4x4 map and concatenated; a 1x1 convolution with batch norm and LeakyReLU; a 4x4 valid
+convolution to one real/fake logit [B].
+
+Param tree: text/..., text_projection/kernel, generator/..., discriminator/...; batch norm
+statistics in the "batch_stats" collection (generator/... and discriminator/...).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.layers.linear import dense
+from vlm_jax.models import text as text_tower
+from vlm_jax.models.clip import l2_normalize
+
+_CONV_AXES = (None, None, "conv_in", "conv_out")
+_DCGAN_INIT = nn.initializers.normal(0.02)  # the DCGAN paper's N(0, 0.02) weights
+
+
+def _num_stages(image_size: int) -> int:
+    n = math.log2(image_size / 4)
+    if image_size < 8 or n != int(n):
+        raise ValueError(f"GAN-INT-CLS: image_size {image_size} must be 4 * 2^n with n >= 1")
+    return int(n)
+
+
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, param_dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(
+            lambda k, s, d=jnp.float32: 1.0 + 0.02 * jax.random.normal(k, s, d), ("conv_out",)
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+        name=name,
+    )
+
+
+def _conv(features: int, kernel: int, stride: int, padding: Any, name: str, transpose: bool = False) -> nn.Module:
+    cls = nn.ConvTranspose if transpose else nn.Conv
+    return cls(
+        features, (kernel, kernel), strides=(stride, stride), padding=padding, use_bias=False,
+        param_dtype=jnp.float32, kernel_init=nn.with_logical_partitioning(_DCGAN_INIT, _CONV_AXES),
+        name=name,
+    )
+
+
+def _leaky(x: jax.Array) -> jax.Array:
+    return nn.leaky_relu(x, 0.2)
+
+
+class Generator(nn.Module):
+    """(z [B, z_dim], text embedding [B, E]) -> images [B, S, S, 3] in the data normalisation."""
+
+    image_size: int = 64
+    ngf: int = 64
+    text_dim: int = 128
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    @nn.compact
+    def __call__(self, z: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
+        n = _num_stages(self.image_size)
+        h = _leaky(dense(self.text_dim, ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="text_dense")(embedding))
+        x = jnp.concatenate([z.astype(jnp.float32), h], axis=-1)
+        channels = self.ngf * 2 ** (n - 1)
+        x = dense(16 * channels, ("embed", "mlp"), use_bias=False, kernel_init=_DCGAN_INIT, name="project")(x)
+        x = nn.relu(_bn(train, "project_bn")(x.reshape(x.shape[0], 4, 4, channels)))
+        for i in range(n - 1):
+            channels //= 2
+            x = _conv(channels, 4, 2, "SAME", f"deconv_{i}", transpose=True)(x)
+            x = nn.relu(_bn(train, f"deconv_{i}_bn")(x))
+        x = jnp.tanh(_conv(3, 4, 2, "SAME", f"deconv_{n - 1}", transpose=True)(x))
+        mean, std = jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
+        return ((x + 1.0) / 2.0 - mean) / std
+
+
+class Discriminator(nn.Module):
+    """(images [B, S, S, 3], text embedding [B, E]) -> real/fake logits [B]."""
+
+    image_size: int = 64
+    ndf: int = 64
+    text_dim: int = 128
+
+    @nn.compact
+    def __call__(self, images: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
+        n = _num_stages(self.image_size)
+        x = images.astype(jnp.float32)
+        for i in range(n):
+            x = _conv(self.ndf * 2**i, 4, 2, ((1, 1), (1, 1)), f"conv_{i}")(x)
+            if i > 0:
+                x = _bn(train, f"conv_{i}_bn")(x)
+            x = _leaky(x)
+        h = _leaky(dense(self.text_dim, ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="text_dense")(embedding))
+        tiled = jnp.broadcast_to(h[:, None, None, :], x.shape[:3] + (self.text_dim,))
+        x = jnp.concatenate([x, tiled], axis=-1)
+        x = _leaky(_bn(train, "joint_bn")(_conv(x.shape[-1] - self.text_dim, 1, 1, "VALID", "joint")(x)))
+        return _conv(1, 4, 1, "VALID", "logit")(x).reshape(x.shape[0])
+
+
+class GANINTCLS(nn.Module):
+    """Text embedding, generator and discriminator; `__call__` (images, tokens) only for init."""
+
+    text: nn.Module
+    generator: Generator
+    discriminator: Discriminator
+    embed_dim: int = 32
+    z_dim: int = 100
+
+    def setup(self) -> None:
+        self.text_projection = dense(self.embed_dim, ("embed", "mlp"), use_bias=False)
+
+    def embed_text(self, tokens: jax.Array) -> jax.Array:
+        """tokens int [B, L] -> the CLIP text embedding [B, E], unit norm, without gradient."""
+        pooled = self.text(tokens)["pooled"]
+        return jax.lax.stop_gradient(l2_normalize(self.text_projection(pooled)))
+
+    def generate(self, z: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
+        """z [B, z_dim], embedding [B, E] -> images [B, S, S, 3], data-normalised."""
+        return self.generator(z, embedding, train=train)
+
+    def discriminate(self, images: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
+        """images [B, S, S, 3], embedding [B, E] -> logits [B] (real and matching: high)."""
+        return self.discriminator(images, embedding, train=train)
+
+    def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        """Every part once (what init needs): the generated images and both logits."""
+        embedding = self.embed_text(tokens)
+        z = jnp.zeros((tokens.shape[0], self.z_dim), jnp.float32)
+        fake = self.generate(z, embedding, train=train)
+        return dict(
+            fake=fake,
+            real_logits=self.discriminate(images, embedding, train=train),
+            fake_logits=self.discriminate(fake, embedding, train=train),
+        )
+
+
+def from_config(cfg: ml_collections.ConfigDict) -> GANINTCLS:
+    """The model of a `gan_int_cls` model section (text = a CLIP text tower's settings)."""
+    if cfg.get("text_encoder", "clip") != "clip":
+        raise ValueError(
+            f"gan_int_cls text_encoder {cfg.text_encoder!r}: only 'clip' (a CLIP run's text tower) "
+            "is built; the paper's char-CNN-RNN is not"
+        )
+    size = int(cfg.image_size)
+    return GANINTCLS(
+        text=text_tower.from_config(cfg.text),
+        generator=Generator(
+            image_size=size, ngf=int(cfg.ngf), text_dim=int(cfg.text_dim),
+            mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
+        ),
+        discriminator=Discriminator(image_size=size, ndf=int(cfg.ndf), text_dim=int(cfg.text_dim)),
+        embed_dim=int(cfg.embed_dim),
+        z_dim=int(cfg.z_dim),
+    )

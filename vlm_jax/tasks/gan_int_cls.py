@@ -1,0 +1,118 @@
+"""GAN-INT-CLS training (Reed et al. 2016, algorithm 1 and sec. 4.2), as one loss for the trainer.
+
+With h the (frozen) text embedding of each image's caption, h' a mismatched one (the batch's
+embeddings rolled by one) and s = sigmoid(D(.)):
+
+    discriminator:  -[log s(x, h) + (log(1 - s(x, h')) + log(1 - s(G(z, h), h))) / 2]
+    generator:      -log s(G(z, h), h)  -  int_weight * log s(G(z', h_b), h_b)
+
+with h_b = beta h + (1 - beta) h' (the INT term: the generator also learns on interpolated
+embeddings, beta = task.int_beta, 0.5 in the paper) and the non-saturating generator loss.
+
+The two players are one update: the discriminator's term sees the generated images behind
+stop_gradient, and the generator's terms see the discriminator's params behind stop_gradient, so
+the gradient of the sum gives each player exactly the gradient of its own loss. Each player has
+its own optimiser (config.optim.groups: Adam 2e-4, beta1 0.5 in the paper) and both step together
+from the same point (simultaneous updates, rather than the paper's discriminator-then-generator
+alternation). Batch norm statistics: the generator's from its pass on z, the discriminator's from
+its three passes on (real, right text), (real, wrong text), (fake, right text); the generator
+loss's passes through the discriminator leave them as they are.
+
+Batches: image f32 [B, S, S, 3] (data-normalised), tokens int32 [B, L] (one caption each).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+def model_inputs(batch: dict) -> tuple:
+    """The model's positional inputs for init: images [B, S, S, 3] and tokens [B, L]."""
+    return (batch["image"], batch["tokens"])
+
+
+def _apply(model: nn.Module, params: Any, state: dict, method: Any, *args, rng: jax.Array) -> tuple[Any, dict]:
+    """model.apply(method) in training mode -> (output, the updated batch_stats collection)."""
+    out, new = model.apply(
+        {"params": params, **state}, *args, train=True, method=method, mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
+    return out, dict(new)
+
+
+def loss_fn(
+    model: nn.Module,
+    params: Any,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    config: ml_collections.ConfigDict,
+    model_state: dict,
+) -> tuple[jax.Array, dict]:
+    """The two players' losses summed; metrics d_loss, g_loss, g_int_loss and the mean
+    discriminator outputs d_real, d_wrong, d_fake (probabilities)."""
+    task = config.task
+    images = batch["image"]
+    b = images.shape[0]
+    rz, rint, rd = jax.random.split(rng, 3)
+    h = model.apply({"params": params}, batch["tokens"], method=model.embed_text)
+    wrong = jnp.roll(h, 1, axis=0)
+    z = jax.random.normal(rz, (b, model.z_dim), jnp.float32)
+
+    fake, state = _apply(model, params, model_state, model.generate, z, h, rng=rd)
+    s_real, state = _apply(model, params, state, model.discriminate, images, h, rng=rd)
+    s_wrong, state = _apply(model, params, state, model.discriminate, images, wrong, rng=rd)
+    s_fake, state = _apply(model, params, state, model.discriminate, jax.lax.stop_gradient(fake), h, rng=rd)
+    d_loss = jnp.mean(jax.nn.softplus(-s_real) + 0.5 * (jax.nn.softplus(s_wrong) + jax.nn.softplus(s_fake)))
+
+    # The generator's view: the discriminator's params fixed, its statistics not updated.
+    frozen_d = dict(params, discriminator=jax.lax.stop_gradient(params["discriminator"]))
+    g_logits, _ = _apply(model, frozen_d, state, model.discriminate, fake, h, rng=rd)
+    g_loss = jnp.mean(jax.nn.softplus(-g_logits))
+    beta = float(task.get("int_beta", 0.5))
+    h_int = beta * h + (1.0 - beta) * wrong
+    z_int = jax.random.normal(rint, (b, model.z_dim), jnp.float32)
+    fake_int, _ = _apply(model, params, state, model.generate, z_int, h_int, rng=rd)
+    int_logits, _ = _apply(model, frozen_d, state, model.discriminate, fake_int, h_int, rng=rd)
+    g_int = jnp.mean(jax.nn.softplus(-int_logits))
+    g_total = g_loss + float(task.get("int_weight", 1.0)) * g_int
+
+    loss = d_loss + g_total
+    metrics = dict(
+        loss=loss, d_loss=d_loss, g_loss=g_loss, g_int_loss=g_int,
+        d_real=jnp.mean(jax.nn.sigmoid(s_real)), d_wrong=jnp.mean(jax.nn.sigmoid(s_wrong)),
+        d_fake=jnp.mean(jax.nn.sigmoid(s_fake)),
+    )
+    return loss, {"metrics": metrics, "model_state": state}
+
+
+def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array, config: Any) -> jax.Array:
+    """Images [B, S, S, 3] (data-normalised) for tokens [B, L], z ~ N(0, I) from rng; batch norm
+    with its running statistics."""
+    del config
+    z = jax.random.normal(rng, (tokens.shape[0], model.z_dim), jnp.float32)
+    return generate_from(model, variables, tokens, z)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def generate_from(model: nn.Module, variables: dict, tokens: jax.Array, z: jax.Array) -> jax.Array:
+    """Images for tokens [B, L] and given noise z [B, z_dim] (e.g. one z across prompts)."""
+    h = model.apply(variables, tokens, method=model.embed_text)
+    return model.apply(variables, z, h, method=model.generate)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def text_embeddings(model: nn.Module, variables: dict, tokens: jax.Array) -> jax.Array:
+    """The generator's text embeddings [B, E] of tokens [B, L]."""
+    return model.apply(variables, tokens, method=model.embed_text)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def images_from_embeddings(model: nn.Module, variables: dict, embedding: jax.Array, z: jax.Array) -> jax.Array:
+    """Images for text embeddings [B, E] (e.g. interpolated between two prompts) and noise z."""
+    return model.apply(variables, z, embedding, method=model.generate)
