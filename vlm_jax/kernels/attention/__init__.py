@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.kernels.attention import reference
+from vlm_jax.kernels.attention.masks import DalleMask
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 
@@ -82,6 +83,7 @@ def cudnn_unsupported_reason(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     backend: str | None = None,
+    static_mask: DalleMask | None = None,
 ) -> str | None:
     """Why impl="cudnn" cannot (or must not) do this call, or None.
 
@@ -89,11 +91,14 @@ def cudnn_unsupported_reason(
     is a multiple of 8 and <= 128 (256 on Hopper); jax's cuDNN causal mask is aligned top-left while
     ours puts the queries at the end of the kv sequence, so they only agree when Tq == Tk; segment
     ids are never sent to cuDNN (packed sequences go to pallas_gpu); and cuDNN refused length 197 on
-    our H100, so only lengths that are multiples of CUDNN_LENGTH_MULTIPLE are sent.
+    our H100, so only lengths that are multiples of CUDNN_LENGTH_MULTIPLE are sent; static
+    (DALL-E) masks have no cuDNN form here.
     """
     backend = jax.default_backend() if backend is None else backend
     if not _is_cuda(backend):
         return f"cuDNN attention needs a CUDA GPU; the backend is {backend!r}"
+    if static_mask is not None:
+        return "static (DALL-E) masks are not sent to cuDNN: use pallas_gpu or xla"
     if segment_ids is not None or kv_segment_ids is not None:
         return "segment ids are not sent to cuDNN (packed sequences: use pallas_gpu or xla)"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -131,28 +136,29 @@ def unsupported_reason(
     kv_segment_ids: jax.Array | None = None,
     backend: str | None = None,
     interpret: bool = False,
+    static_mask: DalleMask | None = None,
 ) -> str | None:
     """Why `impl` (not "auto") cannot do this call on `backend` (default: jax's default), or None."""
     backend = jax.default_backend() if backend is None else backend
+    if static_mask is not None and not isinstance(static_mask, DalleMask):
+        return f"static_mask must be a DalleMask, got {type(static_mask).__name__}"
     if impl == "xla":
-        return None  # the reference raises its own errors for malformed inputs
+        # The reference raises its own errors for malformed inputs; a mask's lengths are checked here.
+        return None if static_mask is None else static_mask.length_error(q.shape[1], k.shape[1])
+    kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, static_mask=static_mask)
     if impl == "cudnn":
-        return cudnn_unsupported_reason(
-            q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=backend
-        )
+        return cudnn_unsupported_reason(q, k, v, backend=backend, **kw)
     if impl == "pallas_gpu":
         if backend != "gpu" and not interpret:
             return f"the Pallas GPU kernel needs a GPU (backend {backend!r}); interpret=True runs it anywhere"
-        return _pallas_gpu().unsupported_reason(
-            q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
-        )
+        return _pallas_gpu().unsupported_reason(q, k, v, **kw)
     if impl == "pallas_tpu":
         if backend != "tpu" and not interpret:
             return f"the Pallas TPU kernel needs a TPU (backend {backend!r}); interpret=True runs it anywhere"
         module, why = _pallas_tpu()
         if module is None:
             return why
-        return module.unsupported_reason(q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+        return module.unsupported_reason(q, k, v, **kw)
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLEMENTATIONS}")
 
 
@@ -165,6 +171,7 @@ def choose_impl(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     backend: str | None = None,
+    static_mask: DalleMask | None = None,
 ) -> str:
     """What impl="auto" runs for this call: the fastest implementation that is correct for it.
 
@@ -181,10 +188,14 @@ def choose_impl(
       - "pallas_gpu" for the other long-sequence calls (packed segment ids, float32, unaligned
         lengths, odd head dims, causal decode with Tq < Tk): memory O(T) instead of O(T^2);
       - "xla" for whatever neither kernel supports.
+    A static (DALL-E) mask never goes to cuDNN; the Pallas kernels skip the tiles it empties.
     The thresholds are H100 estimates, to be revisited with the attention benchmark.
     """
     backend = jax.default_backend() if backend is None else backend
-    kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=backend)
+    kw = dict(
+        causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, backend=backend,
+        static_mask=static_mask,
+    )
     if backend == "tpu":
         return "pallas_tpu" if unsupported_reason("pallas_tpu", q, k, v, **kw) is None else "xla"
     if backend != "gpu":
@@ -208,6 +219,7 @@ def attention(
     sm_scale: float | None = None,
     impl: str = "auto",
     interpret: bool = False,
+    static_mask: DalleMask | None = None,
 ) -> jax.Array:
     """Multi-head attention, q [B, Tq, H, D], k/v [B, Tk, Hkv, D] (H % Hkv == 0) -> [B, Tq, H, D].
 
@@ -218,11 +230,14 @@ def attention(
       sm_scale: logit scale, default head_dim ** -0.5.
       impl: one of IMPLEMENTATIONS; "auto" picks per call and backend (`choose_impl`).
       interpret: run a Pallas implementation in the Pallas interpreter (any backend).
+      static_mask: a `DalleMask` (row / column / conv / causal DALL-E mask, `masks.py`), ANDed
+        with causal and segment ids; kv_len must be its seq_len and queries are the last q_len
+        positions. The Pallas kernels skip the tiles it empties (forward and backward).
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention impl {impl!r} is not available; choose one of {IMPLEMENTATIONS}")
     backend = jax.default_backend()
-    kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, static_mask=static_mask)
     if impl == "auto":
         impl = choose_impl(q, k, v, backend=backend, **kw)
     else:
@@ -233,6 +248,7 @@ def attention(
     if impl == "xla":
         return reference.attention(q, k, v, sm_scale=sm_scale, **kw)
     if impl == "cudnn":
+        assert static_mask is None  # checked by unsupported_reason / choose_impl
         return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal, implementation="cudnn")
     if impl == "pallas_gpu":
         return _pallas_gpu().mha(q, k, v, sm_scale=sm_scale, interpret=interpret, **kw)
@@ -242,6 +258,7 @@ def attention(
 
 
 __all__ = [
+    "DalleMask",
     "IMPLEMENTATIONS",
     "attention",
     "choose_impl",

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from vlm_jax.kernels.attention import reference
+from vlm_jax.kernels.attention import masks, reference
 
 # The Triton compiler-params class was `TritonCompilerParams` before it became `CompilerParams`.
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
@@ -142,6 +142,7 @@ class _Static:
     tiles: Tiles
     interpret: bool
     poison: bool
+    mask: masks.DalleMask | None = None  # static mask: causal is False, the mask holds causality
 
     @property
     def offset(self) -> int:
@@ -172,10 +173,12 @@ def unsupported_reason(
     causal: bool = False,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    static_mask: masks.DalleMask | None = None,
 ) -> str | None:
     """Why `mha` cannot do this call, or None when it can (shapes and dtypes only, not the backend)."""
     reason = reference.kernel_unsupported_reason(
-        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        static_mask=static_mask,
     )
     if reason is None and q.shape[-1] > MAX_HEAD_DIM:
         reason = f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM} (the tiles would not fit in shared memory)"
@@ -204,6 +207,7 @@ def mha(
     block_h: int | None = None,
     interpret: bool = False,
     poison_outputs: bool = False,
+    static_mask: masks.DalleMask | None = None,
 ) -> jax.Array:
     """Flash attention, q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> [B, Tq, H, D]; differentiable.
 
@@ -223,9 +227,13 @@ def mha(
       interpret: run the kernels in the Pallas interpreter (any backend; how the tests run).
       poison_outputs: testing aid: kernel outputs start as NaN (aliased NaN inputs), so an element a
         kernel never writes shows up as NaN instead of stale memory.
+      static_mask: a `masks.DalleMask` (causal by itself; causal=True adds nothing). Every kernel
+        walks only the tiles its block map does not empty (`masks.kv_schedule`, one table row per
+        program), with the mask's predicate on PARTIAL tiles and no mask on FULL ones.
     """
     reason = unsupported_reason(
-        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        static_mask=static_mask,
     )
     if reason is not None:
         raise ValueError(f"pallas_gpu attention cannot do this call: {reason}")
@@ -257,7 +265,7 @@ def mha(
         block_h=block_h,
     )
     st = _Static(
-        causal=bool(causal),
+        causal=bool(causal) and static_mask is None,
         sm_scale=float(d**-0.5 if sm_scale is None else sm_scale),
         q_len=tq,
         kv_len=tk,
@@ -265,6 +273,7 @@ def mha(
         tiles=tiles,
         interpret=bool(interpret),
         poison=bool(poison_outputs),
+        mask=static_mask,
     )
 
     # Pad lengths to a multiple of every tile that walks them, and head_dim to a power of two.
@@ -316,9 +325,11 @@ def _mask_logits(
     kv_ids: jax.Array | None,
     kv_len: int | None,
     transposed: bool = False,
+    allowed: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Mask logits s [rows, cols] (transposed: rows are keys). Returns (masked s, the causal/segment
-    validity or None). Keys at positions >= kv_len (padding) get -inf; kv_len None: no padding."""
+    validity or None). q_pos given: the causal mask, or allowed(q_pos, kv_pos) (a static mask's
+    predicate). Keys at positions >= kv_len (padding) get -inf; kv_len None: no padding."""
 
     def outer(a: jax.Array, b: jax.Array, op: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
         # a indexes queries, b keys; the result is laid out like s.
@@ -326,7 +337,7 @@ def _mask_logits(
 
     valid = None
     if q_pos is not None:
-        valid = outer(q_pos, kv_pos, lambda qp, kp: kp <= qp)
+        valid = outer(q_pos, kv_pos, allowed or (lambda qp, kp: kp <= qp))
     if q_ids is not None:
         same = outer(q_ids, kv_ids, lambda a, b: a == b)
         valid = same if valid is None else jnp.logical_and(valid, same)
@@ -364,6 +375,23 @@ def _fori(lo: Any, hi: Any, body: Callable[[Any, Any], Any], carry: Any) -> Any:
     if isinstance(lo, int) and isinstance(hi, int) and lo >= hi:
         return carry
     return lax.fori_loop(lo, hi, body, carry)
+
+
+def _schedule(st: _Static, bq: int, bk: int, tq: int, tk: int, segments: bool, by_kv: bool) -> jax.Array:
+    """A static mask's tile schedule (masks.kv_schedule) for padded lengths tq, tk and tiles bq x bk:
+    one row per query tile (forward, dq) or, by_kv, per key tile (dk/dv); with segment ids every
+    visited tile is masked."""
+    assert st.mask is not None
+    bmap = st.mask.block_map(bq, bk, st.q_len, st.kv_len, q_tiles=tq // bq, k_tiles=tk // bk)
+    return jnp.asarray(masks.kv_schedule(bmap.T if by_kv else bmap, all_masked=segments))
+
+
+def _pop_schedule(refs: tuple[Any, ...], n_out: int, st: _Static) -> tuple[tuple[Any, ...], Any]:
+    """(refs without the schedule, the schedule ref or None): with a static mask the schedule is
+    the last input, just before the n_out outputs."""
+    if st.mask is None:
+        return refs, None
+    return refs[: -n_out - 1] + refs[-n_out:], refs[-n_out - 1]
 
 
 def _q_block_index(st: _Static, n_q_blocks: int) -> Callable[[jax.Array], jax.Array]:
@@ -426,11 +454,12 @@ def _head_specs(st: _Static, bq: int, tk: int, d: int, qb: Callable[[Any], Any])
 def _kv_tile_logits(
     q: jax.Array, hh: int, j: jax.Array, masked: bool, *, heads: _Heads, k_ref: Any, v_ref: Any,
     kv_ids_ref: Any, bk: int, scale: float, q_pos: jax.Array | None, q_ids: jax.Array | None,
-    tail_len: int | None,
+    tail_len: int | None, walk: Callable[[Any], Any], allowed: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-    """Key tile j of query head hh, as the forward and dq kernels walk them: (k, v, base-2 logits
-    of q against k [rows, bk], the causal/segment validity or None); masked applies the masks."""
-    start = pl.multiple_of(j * bk, bk)
+    """Key tile walk(j) of query head hh, as the forward and dq kernels walk them: (k, v, base-2
+    logits of q against k [rows, bk], the causal/segment validity or None); masked applies the
+    masks (allowed: a static mask's predicate, or None)."""
+    start = pl.multiple_of(walk(j) * bk, bk)
     k = heads.kv(k_ref, hh, pl.ds(start, bk))
     v = heads.kv(v_ref, hh, pl.ds(start, bk))
     s = _dot(q, k, trans_b=True) * scale
@@ -443,25 +472,34 @@ def _kv_tile_logits(
             q_ids=q_ids,
             kv_ids=kv_ids_ref[pl.ds(start, bk)] if kv_ids_ref is not None else None,
             kv_len=tail_len,
+            allowed=allowed,
         )
     return k, v, s, valid
 
 
 def _query_tile(
-    st: _Static, k_ref: Any, v_ref: Any, q_ids_ref: Any, kv_ids_ref: Any, bq: int, bk: int, n_q_blocks: int
+    st: _Static, k_ref: Any, v_ref: Any, q_ids_ref: Any, kv_ids_ref: Any, bq: int, bk: int, n_q_blocks: int,
+    sched_ref: Any = None,
 ) -> tuple[_Heads, Any, Any, Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]]:
-    """What a forward or dq program needs to walk the key tiles of its query tile: (heads, key
-    tiles [0, full) without a mask, [full, end) with it, tile(q, hh, j, masked) -> _kv_tile_logits)."""
+    """What a forward or dq program needs to walk the key tiles of its query tile: (heads, steps
+    [0, full) without a mask, [full, end) with it, tile(q, hh, step, masked) -> _kv_tile_logits).
+    A step is the key tile itself, or with a static mask an entry of its schedule row (`sched_ref`:
+    masks.kv_schedule)."""
     qi = _q_block_index(st, n_q_blocks)(pl.program_id(0))
     segments = q_ids_ref is not None
-    full, end = _causal_kv_range(st, qi, bq, bk, segments)
+    if st.mask is not None:
+        full, end = sched_ref[0], sched_ref[1]
+    else:
+        full, end = _causal_kv_range(st, qi, bq, bk, segments)
     heads = _Heads(st.tiles.block_h, st.groups)
     tile = functools.partial(
         _kv_tile_logits, heads=heads, k_ref=k_ref, v_ref=v_ref, kv_ids_ref=kv_ids_ref, bk=bk,
         scale=st.sm_scale * _LOG2E,
-        q_pos=qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None,
+        q_pos=qi * bq + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal or st.mask else None,
         q_ids=q_ids_ref[...] if segments else None,
         tail_len=st.kv_len if st.kv_len % bk else None,
+        walk=(lambda t: sched_ref[2 + t]) if st.mask is not None else (lambda j: j),
+        allowed=st.mask.allowed if st.mask is not None else None,
     )
     return heads, full, end, tile
 
@@ -471,6 +509,7 @@ def _query_tile(
 
 
 def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None:
+    refs, sched_ref = _pop_schedule(refs, 2, st)
     if segments:
         q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, o_ref, lse_ref = refs
     else:
@@ -478,7 +517,7 @@ def _fwd_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> Non
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q, st.tiles.block_k
     d = q_ref.shape[-1]
-    heads, full, end, tile = _query_tile(st, k_ref, v_ref, q_ids_ref, kv_ids_ref, bq, bk, n_q_blocks)
+    heads, full, end, tile = _query_tile(st, k_ref, v_ref, q_ids_ref, kv_ids_ref, bq, bk, n_q_blocks, sched_ref)
 
     for hh in range(st.tiles.block_h):  # the program's query heads, one after another
         q = heads.q(q_ref, hh)
@@ -524,6 +563,10 @@ def _fwd(
             pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
         ]
         args += [q_ids, kv_ids]
+    if st.mask is not None:
+        sched = _schedule(st, bq, st.tiles.block_k, tq, tk, segments, by_kv=False)
+        in_specs.append(pl.BlockSpec((None, sched.shape[1]), lambda i, bi, hi: (qb(i), 0)))
+        args.append(sched)
     out, lse = _pallas(
         functools.partial(_fwd_kernel, st=st, segments=segments, n_q_blocks=n_q),
         grid=(n_q, b, h // st.tiles.block_h),
@@ -544,13 +587,14 @@ def _fwd(
 
 
 def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None:
+    refs, sched_ref = _pop_schedule(refs, 1, st)
     if segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dq_ref = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
         q_ids_ref = kv_ids_ref = None
     bq, bk = st.tiles.block_q_dq, st.tiles.block_k_dq
-    heads, full, end, tile = _query_tile(st, k_ref, v_ref, q_ids_ref, kv_ids_ref, bq, bk, n_q_blocks)
+    heads, full, end, tile = _query_tile(st, k_ref, v_ref, q_ids_ref, kv_ids_ref, bq, bk, n_q_blocks, sched_ref)
 
     for hh in range(st.tiles.block_h):  # the program's query heads, one after another
         q, do = heads.q(q_ref, hh), heads.q(do_ref, hh)
@@ -575,6 +619,7 @@ def _dq_kernel(*refs: Any, st: _Static, segments: bool, n_q_blocks: int) -> None
 
 
 def _dkv_kernel(*refs: Any, st: _Static, segments: bool) -> None:
+    refs, sched_ref = _pop_schedule(refs, 2, st)
     if segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref = refs
     else:
@@ -600,10 +645,13 @@ def _dkv_kernel(*refs: Any, st: _Static, segments: bool) -> None:
         lo, full = 0, 0
     if segments:
         full = n_q
+    walk = lambda i: i  # noqa: E731  (loop step -> query tile)
+    if st.mask is not None:  # the schedule: FULL tiles unmasked, then PARTIAL ones masked
+        walk = lambda t: sched_ref[2 + t]  # noqa: E731
 
     def body(i: jax.Array, carry: Any, group: Any, masked: bool) -> Any:
         dk, dv = carry
-        start = pl.multiple_of(i * bq, bq)
+        start = pl.multiple_of(walk(i) * bq, bq)
         q = q_ref[pl.ds(start, bq), group, :]
         do = do_ref[pl.ds(start, bq), group, :]
         lse = lse_ref[group, pl.ds(start, bq)]
@@ -613,12 +661,13 @@ def _dkv_kernel(*refs: Any, st: _Static, segments: bool) -> None:
         if masked:
             s_t, valid = _mask_logits(
                 s_t,
-                q_pos=start + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal else None,
+                q_pos=start + st.offset + jnp.arange(bq, dtype=jnp.int32) if st.causal or st.mask else None,
                 kv_pos=kv_pos,
                 q_ids=q_ids_ref[pl.ds(start, bq)] if segments else None,
                 kv_ids=kv_ids,
                 kv_len=None,
                 transposed=True,
+                allowed=st.mask.allowed if st.mask is not None else None,
             )
             if segments:
                 # A query with no visible key ("dead" row, only possible with segment ids) got the
@@ -636,6 +685,9 @@ def _dkv_kernel(*refs: Any, st: _Static, segments: bool) -> None:
         return dk, dv
 
     def one_group(group: Any, carry: Any) -> Any:
+        if st.mask is not None:
+            carry = _fori(0, sched_ref[0], functools.partial(body, group=group, masked=False), carry)
+            return _fori(sched_ref[0], sched_ref[1], functools.partial(body, group=group, masked=True), carry)
         carry = _fori(lo, full, functools.partial(body, group=group, masked=True), carry)
         return _fori(full, n_q, functools.partial(body, group=group, masked=False), carry)
 
@@ -681,6 +733,10 @@ def _bwd_kernels(
             pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
         ]
         args += [q_ids, kv_ids]
+    if st.mask is not None:
+        sched = _schedule(st, bq, t.block_k_dq, tq, tk, segments, by_kv=False)
+        in_specs.append(pl.BlockSpec((None, sched.shape[1]), lambda i, bi, hi: (qb(i), 0)))
+        args.append(sched)
     (dq,) = _pallas(
         functools.partial(_dq_kernel, st=st, segments=segments, n_q_blocks=n_q),
         grid=(n_q, b, h // t.block_h),
@@ -707,6 +763,10 @@ def _bwd_kernels(
             pl.BlockSpec((None, bk), lambda j, bi, hi: (bi, j)),
         ]
         args += [q_ids, kv_ids]
+    if st.mask is not None:
+        sched = _schedule(st, t.block_q_dkv, bk, tq, tk, segments, by_kv=True)
+        in_specs.append(pl.BlockSpec((None, sched.shape[1]), lambda j, bi, hi: (j, 0)))
+        args.append(sched)
     dk, dv = _pallas(
         functools.partial(_dkv_kernel, st=st, segments=segments),
         grid=(tk // bk, b, hkv),

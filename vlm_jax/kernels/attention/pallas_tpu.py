@@ -53,7 +53,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vlm_jax.kernels.attention import reference
+from vlm_jax.kernels.attention import masks, reference
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -83,10 +83,12 @@ def unsupported_reason(
     causal: bool,
     segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None = None,
+    static_mask: masks.DalleMask | None = None,
 ) -> str | None:
     """None when `mha` can compute this call, else a short reason (shapes and dtypes only)."""
     return reference.kernel_unsupported_reason(
-        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        static_mask=static_mask,
     )
 
 
@@ -104,6 +106,7 @@ def mha(
     block_h: int | None = None,
     block_hkv: int | None = None,
     interpret: Interpret = False,
+    static_mask: masks.DalleMask | None = None,
 ) -> jax.Array:
     """Flash attention, q [B, Tq, H, D], k/v [B, Tk, Hkv, D] -> [B, Tq, H, D] (differentiable).
 
@@ -125,12 +128,16 @@ def mha(
         a program's VMEM (double-buffered blocks + scratch) under 8 MiB, so that a grid step does
         several heads' tiles rather than one (e.g. B256 S197 H12 D64 bf16: 6 and 6; S77 H8: 8, 8).
       interpret: run the kernels in the Pallas interpreter (True, or a `pltpu.InterpretParams`).
+      static_mask: a `masks.DalleMask` (causal by itself; causal=True adds nothing). Its block map
+        goes to SMEM (scalar prefetch): EMPTY tiles run nothing and their index maps re-point at the
+        block already in VMEM (no DMA), PARTIAL tiles apply its predicate, FULL tiles no mask.
 
     Raises:
       ValueError: when `unsupported_reason` gives a reason, or for bad block sizes or head blocks.
     """
     reason = unsupported_reason(
-        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+        static_mask=static_mask,
     )
     if reason is not None:
         raise ValueError(f"pallas_tpu.mha cannot do this call: {reason}")
@@ -167,7 +174,7 @@ def mha(
         q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tqp - tq)))
         kv_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, tkp - tk)))
     cfg = _Config(
-        causal=bool(causal),
+        causal=bool(causal) and static_mask is None,
         sm_scale=scale,
         block_q=bq,
         block_k=bk,
@@ -177,6 +184,7 @@ def mha(
         interpret=interpret,
         block_h=block_h,
         block_hkv=block_hkv,
+        mask=static_mask,
     )
     out = _flash(qt, kt, vt, q_seg, kv_seg, cfg)  # [B, H, tqp, dp]
     return jnp.swapaxes(out[:, :, :tq, :d], 1, 2).astype(out_dtype)
@@ -201,6 +209,7 @@ class _Config:
     interpret: Interpret
     block_h: int = 1  # query heads per forward / dq program
     block_hkv: int = 1  # kv heads per dk/dv program
+    mask: masks.DalleMask | None = None  # static mask: causal is False, the mask holds causality
 
     @property
     def kv_heads_per_block(self) -> int:
@@ -356,6 +365,8 @@ def _mask(
 
     if cfg.causal:
         mask = conj(mask, kv_pos <= q_pos + cfg.offset)
+    if cfg.mask is not None:
+        mask = conj(mask, cfg.mask.allowed(q_pos + cfg.offset, kv_pos))
     if kv_bound:
         mask = conj(mask, kv_pos < cfg.kv_len)
     if seg_rows is not None:
@@ -364,10 +375,19 @@ def _mask(
 
 
 def _run_blocks(
-    i: Any, j: Any, cfg: _Config, segments: bool, kv_bound: bool, is_last_kv: Any, step: Any
+    i: Any, j: Any, cfg: _Config, segments: bool, kv_bound: bool, is_last_kv: Any, step: Any,
+    tables: tuple[Any, ...] = (),
 ) -> None:
     """Run `step(masked)` for tile (q block i, kv block j): skip invisible causal tiles and use the
-    mask-free body where no mask can apply."""
+    mask-free body where no mask can apply. With a static mask, `tables` holds its block map
+    (SMEM, `masks.tpu_tables`): EMPTY tiles are skipped, FULL ones unmasked (unless segments)."""
+    if cfg.mask is not None:
+        nk = _round_up(cfg.kv_len, cfg.block_k) // cfg.block_k
+        kind = tables[0][i * nk + j]
+        full = jnp.logical_and(kind == masks.FULL, not segments)
+        pl.when(full)(lambda: step(False))
+        pl.when(jnp.logical_and(kind != masks.EMPTY, jnp.logical_not(full)))(lambda: step(True))
+        return
     if not (cfg.causal or segments or kv_bound):
         step(False)
         return
@@ -382,6 +402,39 @@ def _run_blocks(
         needs_mask = jnp.logical_or(needs_mask, is_last_kv)
     pl.when(jnp.logical_and(visible, needs_mask))(lambda: step(True))
     pl.when(jnp.logical_and(visible, jnp.logical_not(needs_mask)))(lambda: step(False))
+
+
+def _mask_tables(cfg: _Config, nq: int, nk: int) -> tuple[float, tuple[jax.Array, ...]]:
+    """(fraction of tiles visited, for the cost estimates; a static mask's SMEM tables (block map,
+    forward / dq kv fetch, dk/dv q fetch: `masks.tpu_tables`), () without one)."""
+    if cfg.mask is None:
+        return (0.5 if cfg.causal else 1.0), ()
+    bmap = cfg.mask.block_map(cfg.block_q, cfg.block_k, cfg.q_len, cfg.kv_len, q_tiles=nq, k_tiles=nk)
+    return float((bmap != masks.EMPTY).mean()), tuple(jnp.asarray(t) for t in masks.tpu_tables(bmap))
+
+
+def _split_tables(refs: tuple[Any, ...], cfg: _Config) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(scalar-prefetch refs, the other refs): with a static mask a kernel's first two refs are
+    its SMEM tables (block map, fetch table)."""
+    return (refs[:2], refs[2:]) if cfg.mask is not None else ((), refs)
+
+
+def _pallas_call(
+    cfg: _Config, tables: tuple[jax.Array, ...], kernel: Callable[..., None], *, grid: tuple[int, ...],
+    in_specs: Any, out_specs: Any, scratch_shapes: Any, **kwargs: Any,
+) -> Callable[..., Any]:
+    """pl.pallas_call; with a static mask `tables` are scalar-prefetch operands (SMEM), passed to the
+    index maps after the grid indices and to the kernel before its refs."""
+    if cfg.mask is None:
+        return pl.pallas_call(
+            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch_shapes, **kwargs
+        )
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(tables), grid=grid, in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=scratch_shapes,
+    )
+    call = pl.pallas_call(kernel, grid_spec=grid_spec, **kwargs)
+    return lambda *args: call(*tables, *args)
 
 
 def _lanes_ids(seg: jax.Array) -> jax.Array:
@@ -400,6 +453,7 @@ def _sublanes_ids(seg: jax.Array) -> jax.Array:
 
 
 def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None:
+    tables, refs = _split_tables(refs, cfg)
     if segments:
         q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
     else:
@@ -444,7 +498,7 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
             pv = _dot(p.astype(v_h.dtype), v_h[...], _NN)
             acc_h[...] = acc_h[...] * _lanes(alpha, dp) + pv
 
-    _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step)
+    _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step, tables)
 
     @pl.when(j == nk - 1)
     def _finish() -> None:
@@ -468,15 +522,15 @@ def _head_specs(cfg: _Config, dp: int, kv_block: Any) -> tuple[Any, Any, Any]:
     """
     bq, bk, nh, g = cfg.block_q, cfg.block_k, cfg.block_h, cfg.groups
     heads = None if nh == 1 else nh
-    q_spec = pl.BlockSpec((None, heads, bq, dp), lambda b_, h_, i, j: (b_, h_, i, 0))
-    row_spec = pl.BlockSpec((None, heads, 1, bq), lambda b_, h_, i, j: (b_, h_, 0, i))
+    q_spec = pl.BlockSpec((None, heads, bq, dp), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
+    row_spec = pl.BlockSpec((None, heads, 1, bq), lambda b_, h_, i, j, *_: (b_, h_, 0, i))
     if nh > g:  # kv head block h_ holds the kv heads of query head block h_
         kv_spec = pl.BlockSpec(
-            (None, nh // g, bk, dp), lambda b_, h_, i, j: (b_, h_, kv_block(i, j), 0)
+            (None, nh // g, bk, dp), lambda b_, h_, i, j, *_: (b_, h_, kv_block(i, j, *_), 0)
         )
     else:  # the kv head of the block's first query head
         kv_spec = pl.BlockSpec(
-            (None, None, bk, dp), lambda b_, h_, i, j: (b_, lax.div(h_ * nh, g), kv_block(i, j), 0)
+            (None, None, bk, dp), lambda b_, h_, i, j, *_: (b_, lax.div(h_ * nh, g), kv_block(i, j, *_), 0)
         )
     return q_spec, kv_spec, row_spec
 
@@ -493,8 +547,10 @@ def _forward(
     segments = q_seg is not None
     kv_bound = tkp > cfg.kv_len and not cfg.causal  # causal already hides the padded keys
 
-    def kv_block(i: Any, j: Any) -> Any:
+    def kv_block(i: Any, j: Any, *tables: Any) -> Any:
         # An invisible causal tile re-uses the last visible block: no new DMA for skipped steps.
+        if cfg.mask is not None:
+            return tables[1][i * nk + j]
         return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
 
     q_spec, kv_spec, _ = _head_specs(cfg, dp, kv_block)
@@ -502,14 +558,14 @@ def _forward(
     args = [q, k, v]
     if segments:
         in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j: (b_, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j: (b_, 0, kv_block(i, j))),
+            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, kv_block(i, j, *_))),
         ]
         args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
     heads = None if nh == 1 else nh
     out_specs = [
         q_spec,
-        pl.BlockSpec((None, heads, bq, NUM_LANES), lambda b_, h_, i, j: (b_, h_, i, 0)),
+        pl.BlockSpec((None, heads, bq, NUM_LANES), lambda b_, h_, i, j, *_: (b_, h_, i, 0)),
     ]
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -517,13 +573,14 @@ def _forward(
     ]
     head_axis = () if nh == 1 else (nh,)  # scratch: one set per head of the program
     itemsize = jnp.dtype(q.dtype).itemsize
-    visible_frac = 0.5 if cfg.causal else 1.0
+    visible_frac, tables = _mask_tables(cfg, nq, nk)
     cost = pl.CostEstimate(
         flops=int(4 * b * h * tqp * tkp * dp * visible_frac),
         transcendentals=int(b * h * tqp * tkp * visible_frac),
         bytes_accessed=int(itemsize * (2 * q.size + nq * (k.size + v.size)) + 4 * b * h * tqp),
     )
-    out, lse = pl.pallas_call(
+    out, lse = _pallas_call(
+        cfg, tables[:2],
         functools.partial(_fwd_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
         grid=(b, h // nh, nq, nk),
         in_specs=in_specs,
@@ -548,6 +605,7 @@ def _forward(
 
 
 def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None:
+    tables, refs = _split_tables(refs, cfg)
     if segments:
         q_ref, k_ref, v_ref, qs_ref, ks_ref, lse_ref, di_ref, do_ref, dq_ref, dq_scr = refs
     else:
@@ -586,7 +644,7 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
             dq_h = _head(dq_scr, hh, nh)
             dq_h[...] += _dot(ds.astype(k.dtype), k, _NN)
 
-    _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step)
+    _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step, tables)
 
     @pl.when(j == nk - 1)
     def _finish() -> None:
@@ -594,6 +652,7 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
 
 
 def _dkv_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None:
+    tables, refs = _split_tables(refs, cfg)
     if segments:
         (q_ref, k_ref, v_ref, qs_ref, ks_ref, lse_ref, di_ref, do_ref,
          dk_ref, dv_ref, dk_scr, dv_scr) = refs
@@ -633,7 +692,7 @@ def _dkv_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
             ds = p * (dp_ - _head(di_ref, c, nkv)[...])
             dk_h[...] += _dot(ds.astype(q.dtype), q, _NN)
 
-    _run_blocks(i, j, cfg, segments, kv_bound, j == pl.num_programs(2) - 1, step)
+    _run_blocks(i, j, cfg, segments, kv_bound, j == pl.num_programs(2) - 1, step, tables)
 
     @pl.when(jnp.logical_and(g == ng - 1, i == nq - 1))
     def _finish() -> None:
@@ -657,11 +716,13 @@ def _backward(
     di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, Tqp]
     lse_rows, di_rows = lse[:, :, None, :], di[:, :, None, :]  # [B, H, 1, Tqp]
     itemsize = jnp.dtype(q.dtype).itemsize
-    visible_frac = 0.5 if cfg.causal else 1.0
+    visible_frac, tables = _mask_tables(cfg, nq, nk)
     tile_flops = b * h * tqp * tkp * dp * visible_frac
 
     # ---- dq: grid (B, H / block_h, q blocks, kv blocks), reduce over kv blocks.
-    def kv_block(i: Any, j: Any) -> Any:
+    def kv_block(i: Any, j: Any, *tables: Any) -> Any:
+        if cfg.mask is not None:
+            return tables[1][i * nk + j]
         return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
 
     q_spec, kv_spec, row_spec = _head_specs(cfg, dp, kv_block)
@@ -669,14 +730,15 @@ def _backward(
     args = [q, k, v]
     if segments:
         in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j: (b_, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j: (b_, 0, kv_block(i, j))),
+            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, kv_block(i, j, *_))),
         ]
         args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
     in_specs += [row_spec, row_spec, q_spec]
     args += [lse_rows, di_rows, do]
     head_axis = () if nh == 1 else (nh,)
-    dq = pl.pallas_call(
+    dq = _pallas_call(
+        cfg, tables[:2],
         functools.partial(_dq_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
         grid=(b, h // nh, nq, nk),
         in_specs=in_specs,
@@ -696,8 +758,10 @@ def _backward(
     # ---- dk/dv: grid (B, Hkv / block_hkv, kv blocks, group, q blocks), reduce over the group's
     # heads and q. The query-side arrays are viewed as [B, Hkv, group, ...] (a free reshape) so that
     # a block can hold query head g_ of block_hkv consecutive kv heads.
-    def q_block(j: Any, i: Any) -> Any:
+    def q_block(j: Any, i: Any, *tables: Any) -> Any:
         # Invisible causal tiles re-use the first visible q block: no new DMA for skipped steps.
+        if cfg.mask is not None:
+            return tables[1][j * nq + i]
         return jnp.maximum(i, _first_visible_q_block(j, cfg, nq)) if cfg.causal else i
 
     def grouped(x: jax.Array) -> jax.Array:  # [B, H, ...] -> [B, Hkv, group, ...]
@@ -705,24 +769,25 @@ def _backward(
 
     heads = None if nkv == 1 else nkv
     qd_spec = pl.BlockSpec(
-        (None, heads, None, bq, dp), lambda b_, hk, j, g_, i: (b_, hk, g_, q_block(j, i), 0)
+        (None, heads, None, bq, dp), lambda b_, hk, j, g_, i, *_: (b_, hk, g_, q_block(j, i, *_), 0)
     )
-    kvd_spec = pl.BlockSpec((None, heads, bk, dp), lambda b_, hk, j, g_, i: (b_, hk, j, 0))
+    kvd_spec = pl.BlockSpec((None, heads, bk, dp), lambda b_, hk, j, g_, i, *_: (b_, hk, j, 0))
     rowd_spec = pl.BlockSpec(
-        (None, heads, None, 1, bq), lambda b_, hk, j, g_, i: (b_, hk, g_, 0, q_block(j, i))
+        (None, heads, None, 1, bq), lambda b_, hk, j, g_, i, *_: (b_, hk, g_, 0, q_block(j, i, *_))
     )
     in_specs = [qd_spec, kvd_spec, kvd_spec]
     args = [grouped(q), k, v]
     if segments:
         in_specs += [
-            pl.BlockSpec((None, NUM_SUBLANES, bq), lambda b_, hk, j, g_, i: (b_, 0, q_block(j, i))),
-            pl.BlockSpec((None, bk, NUM_LANES), lambda b_, hk, j, g_, i: (b_, j, 0)),
+            pl.BlockSpec((None, NUM_SUBLANES, bq), lambda b_, hk, j, g_, i, *_: (b_, 0, q_block(j, i, *_))),
+            pl.BlockSpec((None, bk, NUM_LANES), lambda b_, hk, j, g_, i, *_: (b_, j, 0)),
         ]
         args += [_sublanes_ids(q_seg), _lanes_ids(kv_seg)]
     in_specs += [rowd_spec, rowd_spec, qd_spec]
     args += [grouped(lse_rows), grouped(di_rows), grouped(do)]
     head_axis = () if nkv == 1 else (nkv,)
-    dk, dv = pl.pallas_call(
+    dk, dv = _pallas_call(
+        cfg, (tables[0], tables[2]),
         functools.partial(_dkv_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
         grid=(b, hkv // nkv, nk, g, nq),
         in_specs=in_specs,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.kernels.attention.masks import DalleMask
+
 
 def attention_mask(
     q_len: int,
@@ -36,8 +38,13 @@ def attention(
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
     sm_scale: float | None = None,
+    static_mask: DalleMask | None = None,
 ) -> jax.Array:
-    """Softmax attention. q [B, Tq, H, D], k/v [B, Tk, Hkv, D] with H % Hkv == 0 -> [B, Tq, H, D]."""
+    """Softmax attention. q [B, Tq, H, D], k/v [B, Tk, Hkv, D] with H % Hkv == 0 -> [B, Tq, H, D].
+
+    static_mask: a `DalleMask` (dense, ANDed with the causal and segment masks); its lengths are
+    checked (ValueError).
+    """
     b, tq, h, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     if h % hkv:
@@ -53,6 +60,10 @@ def attention(
     mask = attention_mask(
         tq, tk, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids
     )
+    if static_mask is not None:
+        static_mask.check_lengths(tq, tk)
+        dense = jnp.asarray(static_mask.dense(tq, tk))[None, None]
+        mask = dense if mask is None else jnp.logical_and(mask, dense)
     if mask is not None:
         logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -71,12 +82,14 @@ def kernel_unsupported_reason(
     causal: bool = False,
     segment_ids: jax.Array | None = None,
     kv_segment_ids: jax.Array | None = None,
+    static_mask: DalleMask | None = None,
 ) -> str | None:
     """Why a flash kernel (pallas_gpu, pallas_tpu) cannot take this call, or None.
 
     The checks every kernel shares, on shapes and dtypes only: [B, T, H, D] layout, one float
     dtype of KERNEL_DTYPES, whole kv-head groups, causal with no more queries than keys (else
-    the first rows see no key), and segment ids that are [B, T] integers for both sides.
+    the first rows see no key), segment ids that are [B, T] integers for both sides, and a
+    static mask that is a `DalleMask` whose lengths fit the call.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return f"q, k, v must be [batch, length, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}"
@@ -108,5 +121,9 @@ def kernel_unsupported_reason(
         for s in (segment_ids, kv_segment_ids):
             if s is not None and not jnp.issubdtype(s.dtype, jnp.integer):
                 return f"segment ids must be integers, got {s.dtype}"
+    if static_mask is not None:
+        if not isinstance(static_mask, DalleMask):
+            return f"static_mask must be a DalleMask, got {type(static_mask).__name__}"
+        return static_mask.length_error(tq, tk)
     return None
 
