@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 
 from vlm_jax.data import sources as sources_lib
 from vlm_jax.data.errors import DataError
+from vlm_jax.data.normalise import denormalise, normalise  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +148,6 @@ def _fit(
         top, left = (h - side) // 2, (w - side) // 2
     box = (left, top, left + side, top + side)
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
-
-
-def _norm_constants(config: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, offset) float32 [3] so that normalised = uint8 * scale + offset."""
-    mean = np.asarray(config.data.mean, np.float32).reshape(-1)
-    std = np.asarray(config.data.std, np.float32).reshape(-1)
-    return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
-
-
-def normalise(images: np.ndarray, config: Any) -> np.ndarray:
-    """uint8 [N,S,S,3] -> float32 [N,S,S,3] = (x / 255 - mean) / std (mean/std in 0..1 units)."""
-    scale, offset = _norm_constants(config)
-    out = images.astype(np.float32)
-    out *= scale
-    out += offset
-    return out
 
 
 def preprocess_images(
