@@ -787,7 +787,7 @@ def _backward(
     args += [grouped(lse_rows), grouped(di_rows), grouped(do)]
     head_axis = () if nkv == 1 else (nkv,)
     dk, dv = _pallas_call(
-        cfg, (tables[0], tables[2]),
+        cfg, tables[0::2],  # block map, dk/dv q fetch
         functools.partial(_dkv_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
         grid=(b, hkv // nkv, nk, g, nq),
         in_specs=in_specs,
