@@ -3,8 +3,8 @@
     config.evals.val = dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=1024)
 
 reports `val/zero_shot_top1`, `val/i2t_r1`, ... Kinds: zero_shot, retrieval (image-text models with
-encode_image/encode_text), accuracy (classifiers) and exact_match (instruction following, on its
-own: evals.instruct).
+encode_image/encode_text), accuracy (classifiers), exact_match (instruction following, on its
+own: evals.instruct) and generation (text-to-image, on its own: evals.generation).
 """
 
 from __future__ import annotations
@@ -102,9 +102,12 @@ class Evaluator:
         return {f"{self.name}/{k}": v for k, v in out.items()}
 
 
-def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, mesh: Mesh) -> list[Any]:
+def build(
+    config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, mesh: Mesh, workdir: str | None = None
+) -> list[Any]:
     """The evaluators of config.evals, in order (exact_match: evals.instruct.InstructEvaluator;
-    caption: evals.captioning.CaptionEvaluator)."""
+    caption: evals.captioning.CaptionEvaluator; generation: evals.generation.GenerationEvaluator,
+    which resolves a clip_workdir of "stage:<name>" beside `workdir`, the run's own folder)."""
     from vlm_jax.evals.captioning import CaptionEvaluator
     from vlm_jax.evals.instruct import InstructEvaluator
 
@@ -118,6 +121,12 @@ def build(config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Any, m
             if set(cfg.kinds) != {"caption"}:
                 raise ValueError(f"evaluator {name!r}: caption cannot be combined with {list(cfg.kinds)}")
             out.append(CaptionEvaluator(name, cfg, config, model, tokenizer))
+        elif "generation" in cfg.kinds:
+            from vlm_jax.evals.generation import GenerationEvaluator
+
+            if set(cfg.kinds) != {"generation"}:
+                raise ValueError(f"evaluator {name!r}: generation cannot be combined with {list(cfg.kinds)}")
+            out.append(GenerationEvaluator(name, cfg, config, model, tokenizer, mesh, workdir))
         else:
             out.append(Evaluator(name, cfg, config, model, tokenizer, mesh))
     return out
