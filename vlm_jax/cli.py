@@ -7,6 +7,8 @@
     vlm-jax sample --workdir runs/alpaca/instruct --prompt "what is 3 plus 4?"
     vlm-jax sample --workdir runs/sat --image scene.png    (caption + per-word attention PNG; a run
                                                            of stages stands for its last stage)
+    vlm-jax sample --workdir RUN --prompt "a large red circle on the left" -n 16 --out grid.png
+                                                          (text-to-image runs: a grid of drawn images)
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ def cmd_sample(args, overrides) -> int:
             max_new_tokens=args.max_new_tokens, step=args.step, out=sys.stdout, attention_png=png or None,
         )
         return 0
+    from vlm_jax.sampling import draw
+
+    if draw.has_generate(config):  # a text-to-image run
+        return _sample_images(args, workdir, config)
     if args.prompt is None:
         raise config_lib.ConfigError("give --prompt (text) or --image (a captioning run)")
     prompt = args.prompt
@@ -176,6 +182,24 @@ def cmd_sample(args, overrides) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size or 4,
         seed=args.seed, step=args.step, out=sys.stdout,
     )
+    return 0
+
+
+def _sample_images(args, workdir, config) -> int:
+    """The image path of `sample`: -n images drawn for --prompt, written as a grid to --out."""
+    from vlm_jax.sampling import draw, images
+
+    if args.prompt is None:
+        raise config_lib.ConfigError("give --prompt: what to draw (this run is text-to-image)")
+    if args.num < 1:
+        raise config_lib.ConfigError(f"-n {args.num}: draw at least one image")
+    try:
+        path = images.run_image_sample(workdir, args.prompt, config=config, num=args.num, out=args.out,
+                                       seed=args.seed, step=args.step)
+    except draw.PromptError as e:
+        print(f"vlm-jax: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
     return 0
 
 
@@ -237,10 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None)
     p.set_defaults(fn=cmd_eval)
-    p = sub.add_parser("sample", help="generate text from a run's checkpoint, streamed as it comes")
+    p = sub.add_parser("sample", help="generate text from a run's checkpoint, streamed as it comes "
+                                      "(images for a text-to-image run)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default=None, help="default: the run's config.json")
-    p.add_argument("--prompt", default=None, help="the text to continue (language models)")
+    p.add_argument("--prompt", default=None,
+                   help="the text to continue (language models), or what to draw (text-to-image runs)")
+    p.add_argument("-n", "--num-samples", dest="num", type=int, default=16,
+                   help="text-to-image runs: how many images to draw [16]")
+    p.add_argument("--out", default=None, help="text-to-image runs: the grid PNG [<workdir>/sample.png]")
     p.add_argument("--image", default=None, help="an image file to caption (captioning runs)")
     p.add_argument("--attention-png", default=None,
                    help="with --image: where to write the per-word attention figure "

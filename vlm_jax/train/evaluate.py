@@ -39,6 +39,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, step: int | Non
     checkpointer.close()
     results = {}
     with sharding_context(mesh, config.sharding_rules):
-        for evaluator in evals.build(config, model, tokenizer, mesh):
+        for evaluator in evals.build(config, model, tokenizer, mesh, workdir=workdir):
             results.update(evaluator(state["params"], state["model_state"]))
     return {"step": step, "eval": results}

@@ -282,7 +282,7 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
 
     train_step = jit_train_step(model, task, tx, config, mesh, shardings, batch_shardings)
 
-    evaluators = evals.build(config, model, tokenizer, mesh)
+    evaluators = evals.build(config, model, tokenizer, mesh, workdir=workdir)
     writer = MetricWriter(workdir, enabled=is_main)
     if is_main and start == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -298,6 +298,8 @@ def _train(config, workdir, preemption, stop_at_step, devices) -> dict[str, Any]
                 results.update(evaluator(state["params"], state["model_state"]))
                 if hasattr(evaluator, "samples"):  # generations: written beside the metrics
                     writer.write_samples(step, evaluator.name, evaluator.samples())
+                if hasattr(evaluator, "write_grid") and is_main:  # drawn images: a PNG grid beside them
+                    evaluator.write_grid(writer.samples_dir, step)
         if results:
             writer.write(step, results)
         return results
