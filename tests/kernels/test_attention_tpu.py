@@ -22,7 +22,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from vlm_jax.kernels.attention import pallas_tpu, reference
+from vlm_jax.kernels.attention import pallas_tpu, reference, tpu_common
 
 # Max abs error relative to the reference's largest magnitude, per input dtype (the reference runs
 # in float32 on the same, rounded, inputs).
@@ -275,16 +275,16 @@ def test_causal_block_skipping(q_len, kv_len, block_q, block_k):
     for i in range(nq):
         tiles = [visible[i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k] for j in range(nk)]
         for j, tile in enumerate(tiles):
-            assert bool(pallas_tpu._block_visible(i, j, cfg)) == tile.any(), (i, j)
-            assert bool(pallas_tpu._block_fully_visible(i, j, cfg)) == tile.all(), (i, j)
+            assert bool(tpu_common._block_visible(i, j, cfg)) == tile.any(), (i, j)
+            assert bool(tpu_common._block_fully_visible(i, j, cfg)) == tile.all(), (i, j)
         last = max(j for j, tile in enumerate(tiles) if tile.any())
-        assert int(pallas_tpu._last_visible_kv_block(i, cfg, nk)) == last
+        assert int(tpu_common._last_visible_kv_block(i, cfg, nk)) == last
     for j in range(nk):
         first = min(
             i for i in range(nq)
             if visible[i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k].any()
         )
-        assert int(pallas_tpu._first_visible_q_block(j, cfg, nq)) == first
+        assert int(tpu_common._first_visible_q_block(j, cfg, nq)) == first
 
 
 def test_unsupported_reason():

@@ -42,32 +42,43 @@ block sizes only need to be multiples of 8, on a TPU multiples of 128.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from vlm_jax.kernels.attention import masks, reference
-
-NUM_LANES = 128
-NUM_SUBLANES = 8
-# Block-size candidates for the default choice, largest first; 512 suits v4/v5 at head_dim <= 256.
-_DEFAULT_BLOCKS = (512, 384, 256, 128)
-# Heads per program for short sequences (the default block_h / block_hkv), largest first, and the
-# VMEM such a program may use (double-buffered blocks + scratch, `_vmem_bytes`): well under the
-# default scoped VMEM limit (16 MiB on v4/v5e, 32 MiB on v6e), leaving room for the score temporaries.
-_HEAD_BLOCKS = (8, 6, 4, 3, 2, 1)
-_HEAD_BLOCK_VMEM_BUDGET = 8 * 2**20
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-Interpret = Any  # bool or pltpu.InterpretParams
+from vlm_jax.kernels.attention.tpu_backward import _backward
+from vlm_jax.kernels.attention.tpu_common import (
+    _DEFAULT_BLOCKS,
+    _HEAD_BLOCK_VMEM_BUDGET,
+    _HEAD_BLOCKS,
+    _NN,
+    _NT,
+    NUM_LANES,
+    NUM_SUBLANES,
+    Interpret,
+    _compiler_params,
+    _Config,
+    _dot,
+    _head,
+    _head_specs,
+    _lanes,
+    _lanes_ids,
+    _last_visible_kv_block,
+    _mask,
+    _mask_tables,
+    _padded_head_dim,
+    _pallas_call,
+    _round_up,
+    _run_blocks,
+    _split_tables,
+    _sublanes_ids,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,47 +201,6 @@ def mha(
     return jnp.swapaxes(out[:, :, :tq, :d], 1, 2).astype(out_dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# Shapes and configuration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Static parameters of one attention call (hashable: a nondiff argument of custom_vjp)."""
-
-    causal: bool
-    sm_scale: float
-    block_q: int
-    block_k: int
-    q_len: int  # unpadded lengths: the causal offset and the kv padding mask need them
-    kv_len: int
-    groups: int  # query heads per kv head
-    interpret: Interpret
-    block_h: int = 1  # query heads per forward / dq program
-    block_hkv: int = 1  # kv heads per dk/dv program
-    mask: masks.DalleMask | None = None  # static mask: causal is False, the mask holds causality
-
-    @property
-    def kv_heads_per_block(self) -> int:
-        """kv heads in a forward / dq program's k/v block (1 when its query heads share one)."""
-        return max(self.block_h // self.groups, 1)
-
-    @property
-    def offset(self) -> int:
-        """Position of query row 0 in the kv sequence (queries are the last q_len positions)."""
-        return self.kv_len - self.q_len
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _padded_head_dim(d: int) -> int:
-    """Head dim the kernels run at: multiples of 128 fill the MXU, 64 is handled natively too."""
-    return d if d % NUM_LANES == 0 or d == 64 else _round_up(d, NUM_LANES)
-
-
 def _block_size(length: int, requested: int | None, align: int, head_dim: int, name: str) -> int:
     """Tile size along a sequence: requested (checked) or the default for this length."""
     padded = _round_up(length, align)
@@ -289,162 +259,6 @@ def _vmem_bytes(kernel: str, heads: int, groups: int, bq: int, bk: int, dp: int,
         blocks = heads * (4 * kv_tile + 2 * q_tile + 2 * NUM_SUBLANES * bq * 4) + seg_ids
         scratch = heads * 2 * bk * lanes * 4
     return 2 * blocks + scratch
-
-
-def _head(ref: Any, index: int, count: int) -> Any:
-    """Head `index` of a ref whose block holds `count` heads on its leading axis. With one head the
-    BlockSpec (or the scratch shape) has no head axis and the ref is that head already."""
-    return ref if count == 1 else ref.at[index]
-
-
-def _lanes(x: jax.Array, n: int) -> jax.Array:
-    """[rows, 128] with equal lanes -> [rows, n] (or [rows, 1] to broadcast when n is unusual)."""
-    if n % NUM_LANES == 0:
-        return x if n == NUM_LANES else jnp.tile(x, (1, n // NUM_LANES))
-    if n < NUM_LANES:
-        return x[:, :n]
-    return x[:, :1]  # Interpret mode only: TPU blocks are multiples of 128.
-
-
-def _dot(a: jax.Array, b: jax.Array, dims: Any) -> jax.Array:
-    """MXU matmul with fp32 accumulation (and fp32 passes for fp32 operands)."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
-
-
-def _compiler_params(semantics: tuple[str, ...]) -> Any:
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-
-
-# Causal block tests. Rows (queries) of q block i sit at kv positions [i*bq + off, (i+1)*bq + off);
-# kv block j holds positions [j*bk, (j+1)*bk). With off >= 0 every q row sees key 0.
-
-
-def _block_visible(i: Any, j: Any, cfg: _Config) -> Any:
-    """Some key of kv block j is visible to some query of q block i."""
-    return j * cfg.block_k <= (i + 1) * cfg.block_q - 1 + cfg.offset
-
-
-def _block_fully_visible(i: Any, j: Any, cfg: _Config) -> Any:
-    """Every key of kv block j is visible to every query of q block i (no causal mask needed)."""
-    return (j + 1) * cfg.block_k - 1 <= i * cfg.block_q + cfg.offset
-
-
-def _last_visible_kv_block(i: Any, cfg: _Config, num_kv_blocks: int) -> Any:
-    last = lax.div((i + 1) * cfg.block_q - 1 + cfg.offset, cfg.block_k)
-    return jnp.minimum(last, num_kv_blocks - 1)
-
-
-def _first_visible_q_block(j: Any, cfg: _Config, num_q_blocks: int) -> Any:
-    first = lax.div(jnp.maximum(j * cfg.block_k - cfg.offset, 0), cfg.block_q)
-    return jnp.minimum(first, num_q_blocks - 1)
-
-
-def _mask(
-    rows: tuple[Any, int],
-    cols: tuple[Any, int],
-    q_axis: int,
-    seg_rows: jax.Array | None,
-    seg_cols: jax.Array | None,
-    cfg: _Config,
-    kv_bound: bool,
-) -> jax.Array | None:
-    """Boolean [rows, cols] visibility of a score tile.
-
-    `rows`/`cols` are (first position, count) of the tile's axes; `q_axis` says which axis holds
-    queries (0 in the forward and dq kernels, 1 in the transposed dk/dv kernel). `seg_rows` is a
-    [rows, *] segment-id column and `seg_cols` a [1, cols] row (or None).
-    """
-    shape = (rows[1], cols[1])
-    q_pos = lax.broadcasted_iota(jnp.int32, shape, q_axis) + (rows, cols)[q_axis][0]
-    kv_pos = lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis) + (rows, cols)[1 - q_axis][0]
-    mask = None
-
-    def conj(a: jax.Array | None, b: jax.Array) -> jax.Array:
-        return b if a is None else jnp.logical_and(a, b)
-
-    if cfg.causal:
-        mask = conj(mask, kv_pos <= q_pos + cfg.offset)
-    if cfg.mask is not None:
-        mask = conj(mask, cfg.mask.allowed(q_pos + cfg.offset, kv_pos))
-    if kv_bound:
-        mask = conj(mask, kv_pos < cfg.kv_len)
-    if seg_rows is not None:
-        mask = conj(mask, _lanes(seg_rows, cols[1]) == seg_cols)
-    return mask
-
-
-def _run_blocks(
-    i: Any, j: Any, cfg: _Config, segments: bool, kv_bound: bool, is_last_kv: Any, step: Any,
-    tables: tuple[Any, ...] = (),
-) -> None:
-    """Run `step(masked)` for tile (q block i, kv block j): skip invisible causal tiles and use the
-    mask-free body where no mask can apply. With a static mask, `tables` holds its block map
-    (SMEM, `masks.tpu_tables`): EMPTY tiles are skipped, FULL ones unmasked (unless segments)."""
-    if cfg.mask is not None:
-        nk = _round_up(cfg.kv_len, cfg.block_k) // cfg.block_k
-        kind = tables[0][i * nk + j]
-        full = jnp.logical_and(kind == masks.FULL, not segments)
-        pl.when(full)(lambda: step(False))
-        pl.when(jnp.logical_and(kind != masks.EMPTY, jnp.logical_not(full)))(lambda: step(True))
-        return
-    if not (cfg.causal or segments or kv_bound):
-        step(False)
-        return
-    visible = _block_visible(i, j, cfg) if cfg.causal else True
-    if segments:
-        pl.when(visible)(lambda: step(True))
-        return
-    needs_mask = False
-    if cfg.causal:
-        needs_mask = jnp.logical_not(_block_fully_visible(i, j, cfg))
-    if kv_bound:
-        needs_mask = jnp.logical_or(needs_mask, is_last_kv)
-    pl.when(jnp.logical_and(visible, needs_mask))(lambda: step(True))
-    pl.when(jnp.logical_and(visible, jnp.logical_not(needs_mask)))(lambda: step(False))
-
-
-def _mask_tables(cfg: _Config, nq: int, nk: int) -> tuple[float, tuple[jax.Array, ...]]:
-    """(fraction of tiles visited, for the cost estimates; a static mask's SMEM tables (block map,
-    forward / dq kv fetch, dk/dv q fetch: `masks.tpu_tables`), () without one)."""
-    if cfg.mask is None:
-        return (0.5 if cfg.causal else 1.0), ()
-    bmap = cfg.mask.block_map(cfg.block_q, cfg.block_k, cfg.q_len, cfg.kv_len, q_tiles=nq, k_tiles=nk)
-    return float((bmap != masks.EMPTY).mean()), tuple(jnp.asarray(t) for t in masks.tpu_tables(bmap))
-
-
-def _split_tables(refs: tuple[Any, ...], cfg: _Config) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """(scalar-prefetch refs, the other refs): with a static mask a kernel's first two refs are
-    its SMEM tables (block map, fetch table)."""
-    return (refs[:2], refs[2:]) if cfg.mask is not None else ((), refs)
-
-
-def _pallas_call(
-    cfg: _Config, tables: tuple[jax.Array, ...], kernel: Callable[..., None], *, grid: tuple[int, ...],
-    in_specs: Any, out_specs: Any, scratch_shapes: Any, **kwargs: Any,
-) -> Callable[..., Any]:
-    """pl.pallas_call; with a static mask `tables` are scalar-prefetch operands (SMEM), passed to the
-    index maps after the grid indices and to the kernel before its refs."""
-    if cfg.mask is None:
-        return pl.pallas_call(
-            kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch_shapes, **kwargs
-        )
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(tables), grid=grid, in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=scratch_shapes,
-    )
-    call = pl.pallas_call(kernel, grid_spec=grid_spec, **kwargs)
-    return lambda *args: call(*tables, *args)
-
-
-def _lanes_ids(seg: jax.Array) -> jax.Array:
-    """[B, T] -> [B, T, 128]: segment ids as a column tile (equal along lanes)."""
-    return jnp.broadcast_to(seg[:, :, None], (*seg.shape, NUM_LANES))
-
-
-def _sublanes_ids(seg: jax.Array) -> jax.Array:
-    """[B, T] -> [B, 8, T]: segment ids as a row tile (equal along sublanes)."""
-    return jnp.broadcast_to(seg[:, None, :], (seg.shape[0], NUM_SUBLANES, seg.shape[1]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,29 +326,6 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
             _head(lse_ref, hh, nh)[...] = jnp.where(empty, jnp.inf, lse)
 
 
-def _head_specs(cfg: _Config, dp: int, kv_block: Any) -> tuple[Any, Any, Any]:
-    """BlockSpecs of the forward and dq grids (B, H / block_h, q blocks, kv blocks): q-like
-    [B, H, Tqp, dp] arrays, k/v [B, Hkv, Tkp, dp], and [B, H, 1, Tqp] per-row arrays.
-
-    With block_h == 1 the head axis is squeezed; otherwise q-like blocks hold block_h heads and
-    k/v blocks either the one kv head that the block's heads share (block_h <= groups) or
-    block_h // groups kv heads (block_h > groups).
-    """
-    bq, bk, nh, g = cfg.block_q, cfg.block_k, cfg.block_h, cfg.groups
-    heads = None if nh == 1 else nh
-    q_spec = pl.BlockSpec((None, heads, bq, dp), lambda b_, h_, i, j, *_: (b_, h_, i, 0))
-    row_spec = pl.BlockSpec((None, heads, 1, bq), lambda b_, h_, i, j, *_: (b_, h_, 0, i))
-    if nh > g:  # kv head block h_ holds the kv heads of query head block h_
-        kv_spec = pl.BlockSpec(
-            (None, nh // g, bk, dp), lambda b_, h_, i, j, *_: (b_, h_, kv_block(i, j, *_), 0)
-        )
-    else:  # the kv head of the block's first query head
-        kv_spec = pl.BlockSpec(
-            (None, None, bk, dp), lambda b_, h_, i, j, *_: (b_, lax.div(h_ * nh, g), kv_block(i, j, *_), 0)
-        )
-    return q_spec, kv_spec, row_spec
-
-
 def _forward(
     q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
     cfg: _Config,
@@ -597,218 +388,6 @@ def _forward(
         name="flash_attention_fwd",
     )(*args)
     return out, lse[..., 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Backward kernels
-# --------------------------------------------------------------------------------------------
-
-
-def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None:
-    tables, refs = _split_tables(refs, cfg)
-    if segments:
-        q_ref, k_ref, v_ref, qs_ref, ks_ref, lse_ref, di_ref, do_ref, dq_ref, dq_scr = refs
-    else:
-        q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, dq_ref, dq_scr = refs
-        qs_ref = ks_ref = None
-    bq, bk = cfg.block_q, cfg.block_k
-    nh, nkv, g = cfg.block_h, cfg.kv_heads_per_block, cfg.groups
-    i, j, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
-
-    @pl.when(j == 0)
-    def _init() -> None:
-        dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
-
-    def step(masked: bool) -> None:
-        mask = None
-        if masked:  # one mask for all the program's heads
-            mask = _mask(
-                (i * bq, bq),
-                (j * bk, bk),
-                0,
-                None if qs_ref is None else qs_ref[...],
-                None if ks_ref is None else ks_ref[:1, :],
-                cfg,
-                kv_bound,
-            )
-        for hh in range(nh):  # the program's query heads, one after another
-            k = _head(k_ref, hh // g, nkv)[...]
-            s = _dot(_head(q_ref, hh, nh)[...], k, _NT) * cfg.sm_scale  # [bq, bk]
-            if masked:
-                s = jnp.where(mask, s, -jnp.inf)
-            lse = _head(lse_ref, hh, nh)[0][:, None]  # [bq, 1]: row -> column
-            di = _head(di_ref, hh, nh)[0][:, None]
-            p = jnp.exp(s - lse)
-            dp_ = _dot(_head(do_ref, hh, nh)[...], _head(v_ref, hh // g, nkv)[...], _NT)  # [bq, bk]
-            ds = p * (dp_ - di)
-            dq_h = _head(dq_scr, hh, nh)
-            dq_h[...] += _dot(ds.astype(k.dtype), k, _NN)
-
-    _run_blocks(i, j, cfg, segments, kv_bound, j == nk - 1, step, tables)
-
-    @pl.when(j == nk - 1)
-    def _finish() -> None:
-        dq_ref[...] = (dq_scr[...] * cfg.sm_scale).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None:
-    tables, refs = _split_tables(refs, cfg)
-    if segments:
-        (q_ref, k_ref, v_ref, qs_ref, ks_ref, lse_ref, di_ref, do_ref,
-         dk_ref, dv_ref, dk_scr, dv_scr) = refs
-    else:
-        q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, dk_ref, dv_ref, dk_scr, dv_scr = refs
-        qs_ref = ks_ref = None
-    bq, bk, nkv = cfg.block_q, cfg.block_k, cfg.block_hkv
-    j, g, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    ng, nq = pl.num_programs(3), pl.num_programs(4)
-
-    @pl.when(jnp.logical_and(g == 0, i == 0))
-    def _init() -> None:
-        dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
-        dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
-
-    def step(masked: bool) -> None:
-        mask = None
-        if masked:  # one mask for all the program's kv heads
-            mask = _mask(
-                (j * bk, bk),
-                (i * bq, bq),
-                1,
-                None if ks_ref is None else ks_ref[...],
-                None if qs_ref is None else qs_ref[:1, :],
-                cfg,
-                kv_bound,
-            )
-        for c in range(nkv):  # the program's kv heads (each with query head g of its group)
-            q, do = _head(q_ref, c, nkv)[...], _head(do_ref, c, nkv)[...]
-            s = _dot(_head(k_ref, c, nkv)[...], q, _NT) * cfg.sm_scale  # transposed scores [bk, bq]
-            if masked:
-                s = jnp.where(mask, s, -jnp.inf)
-            p = jnp.exp(s - _head(lse_ref, c, nkv)[...])  # lse row [1, bq] broadcasts over kv rows
-            dv_h, dk_h = _head(dv_scr, c, nkv), _head(dk_scr, c, nkv)
-            dv_h[...] += _dot(p.astype(do.dtype), do, _NN)
-            dp_ = _dot(_head(v_ref, c, nkv)[...], do, _NT)  # [bk, bq]
-            ds = p * (dp_ - _head(di_ref, c, nkv)[...])
-            dk_h[...] += _dot(ds.astype(q.dtype), q, _NN)
-
-    _run_blocks(i, j, cfg, segments, kv_bound, j == pl.num_programs(2) - 1, step, tables)
-
-    @pl.when(jnp.logical_and(g == ng - 1, i == nq - 1))
-    def _finish() -> None:
-        dk_ref[...] = (dk_scr[...] * cfg.sm_scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
-
-
-def _backward(
-    q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None, kv_seg: jax.Array | None,
-    out: jax.Array, lse: jax.Array, do: jax.Array, cfg: _Config,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dq, dk, dv) in kernel layout from the forward residuals and the cotangent `do`."""
-    b, h, tqp, dp = q.shape
-    hkv, tkp = k.shape[1], k.shape[2]
-    bq, bk, g = cfg.block_q, cfg.block_k, cfg.groups
-    nh, nkv = cfg.block_h, cfg.block_hkv
-    nq, nk = tqp // bq, tkp // bk
-    segments = q_seg is not None
-    kv_bound = tkp > cfg.kv_len and not cfg.causal
-    do = do.astype(q.dtype)
-    di = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, Tqp]
-    lse_rows, di_rows = lse[:, :, None, :], di[:, :, None, :]  # [B, H, 1, Tqp]
-    itemsize = jnp.dtype(q.dtype).itemsize
-    visible_frac, tables = _mask_tables(cfg, nq, nk)
-    tile_flops = b * h * tqp * tkp * dp * visible_frac
-
-    # ---- dq: grid (B, H / block_h, q blocks, kv blocks), reduce over kv blocks.
-    def kv_block(i: Any, j: Any, *tables: Any) -> Any:
-        if cfg.mask is not None:
-            return tables[1][i * nk + j]
-        return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
-
-    q_spec, kv_spec, row_spec = _head_specs(cfg, dp, kv_block)
-    in_specs = [q_spec, kv_spec, kv_spec]
-    args = [q, k, v]
-    if segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, kv_block(i, j, *_))),
-        ]
-        args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
-    in_specs += [row_spec, row_spec, q_spec]
-    args += [lse_rows, di_rows, do]
-    head_axis = () if nh == 1 else (nh,)
-    dq = _pallas_call(
-        cfg, tables[:2],
-        functools.partial(_dq_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
-        grid=(b, h // nh, nq, nk),
-        in_specs=in_specs,
-        out_specs=q_spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((*head_axis, bq, dp), jnp.float32)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(
-            flops=int(6 * tile_flops),
-            transcendentals=int(tile_flops / dp),
-            bytes_accessed=int(itemsize * (3 * q.size + nq * (k.size + v.size))),
-        ),
-        interpret=cfg.interpret,
-        name="flash_attention_dq",
-    )(*args)
-
-    # ---- dk/dv: grid (B, Hkv / block_hkv, kv blocks, group, q blocks), reduce over the group's
-    # heads and q. The query-side arrays are viewed as [B, Hkv, group, ...] (a free reshape) so that
-    # a block can hold query head g_ of block_hkv consecutive kv heads.
-    def q_block(j: Any, i: Any, *tables: Any) -> Any:
-        # Invisible causal tiles re-use the first visible q block: no new DMA for skipped steps.
-        if cfg.mask is not None:
-            return tables[1][j * nq + i]
-        return jnp.maximum(i, _first_visible_q_block(j, cfg, nq)) if cfg.causal else i
-
-    def grouped(x: jax.Array) -> jax.Array:  # [B, H, ...] -> [B, Hkv, group, ...]
-        return x.reshape(b, hkv, g, *x.shape[2:])
-
-    heads = None if nkv == 1 else nkv
-    qd_spec = pl.BlockSpec(
-        (None, heads, None, bq, dp), lambda b_, hk, j, g_, i, *_: (b_, hk, g_, q_block(j, i, *_), 0)
-    )
-    kvd_spec = pl.BlockSpec((None, heads, bk, dp), lambda b_, hk, j, g_, i, *_: (b_, hk, j, 0))
-    rowd_spec = pl.BlockSpec(
-        (None, heads, None, 1, bq), lambda b_, hk, j, g_, i, *_: (b_, hk, g_, 0, q_block(j, i, *_))
-    )
-    in_specs = [qd_spec, kvd_spec, kvd_spec]
-    args = [grouped(q), k, v]
-    if segments:
-        in_specs += [
-            pl.BlockSpec((None, NUM_SUBLANES, bq), lambda b_, hk, j, g_, i, *_: (b_, 0, q_block(j, i, *_))),
-            pl.BlockSpec((None, bk, NUM_LANES), lambda b_, hk, j, g_, i, *_: (b_, j, 0)),
-        ]
-        args += [_sublanes_ids(q_seg), _lanes_ids(kv_seg)]
-    in_specs += [rowd_spec, rowd_spec, qd_spec]
-    args += [grouped(lse_rows), grouped(di_rows), grouped(do)]
-    head_axis = () if nkv == 1 else (nkv,)
-    dk, dv = _pallas_call(
-        cfg, tables[0::2],  # block map, dk/dv q fetch
-        functools.partial(_dkv_kernel, cfg=cfg, segments=segments, kv_bound=kv_bound),
-        grid=(b, hkv // nkv, nk, g, nq),
-        in_specs=in_specs,
-        out_specs=[kvd_spec, kvd_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        scratch_shapes=[
-            pltpu.VMEM((*head_axis, bk, dp), jnp.float32),  # dk accumulator
-            pltpu.VMEM((*head_axis, bk, dp), jnp.float32),  # dv accumulator
-        ],
-        compiler_params=_compiler_params(
-            ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
-        ),
-        cost_estimate=pl.CostEstimate(
-            flops=int(8 * tile_flops),
-            transcendentals=int(tile_flops / dp),
-            bytes_accessed=int(itemsize * (2 * k.size + 2 * v.size + nk * 2 * q.size)),
-        ),
-        interpret=cfg.interpret,
-        name="flash_attention_dkv",
-    )(*args)
-    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------
