@@ -19,7 +19,16 @@ import pytest
 
 from vlm_jax import kernels
 from vlm_jax.kernels.attention import choose_impl, pallas_gpu, pallas_tpu, reference, unsupported_reason
-from vlm_jax.kernels.attention.masks import EMPTY, FULL, PARTIAL, DalleMask, kv_schedule, tpu_tables
+from vlm_jax.kernels.attention.masks import (
+    DEFAULT_BLOCKS_12B,
+    EMPTY,
+    FULL,
+    PARTIAL,
+    DalleMask,
+    kv_schedule,
+    skipped_table,
+    tpu_tables,
+)
 
 KINDS = ("row", "column", "conv", "causal")
 # Interpreted kernels are big XLA programs: compile them without LLVM optimisation (as the other
@@ -118,6 +127,18 @@ def test_skipped_fractions_and_kernel_tables():
     np.testing.assert_array_equal(kind, bmap.reshape(-1))
     np.testing.assert_array_equal(kv_fetch, [0, 0, 2, 2, 2, 2])  # skipped steps keep the last block
     np.testing.assert_array_equal(q_fetch, [0, 0, 0, 0, 0, 1])
+
+
+def test_12b_table_uses_the_kernels_default_tiles():
+    """`python -m vlm_jax.kernels.attention.masks` prints its table at the kernels' own defaults."""
+    gpu = pallas_gpu.default_tiles(64, jnp.bfloat16)
+    assert DEFAULT_BLOCKS_12B["gpu fwd"] == (gpu.block_q, gpu.block_k)
+    assert DEFAULT_BLOCKS_12B["gpu dkv"] == (gpu.block_q_dkv, gpu.block_k_dkv)
+    assert DEFAULT_BLOCKS_12B["gpu dq"] == (gpu.block_q_dq, gpu.block_k_dq)
+    assert pallas_gpu.short_tiles(64, jnp.bfloat16, 1280, 1280, heads=62, groups=1) is None
+    tpu = pallas_tpu._block_size(1280, None, pallas_tpu.NUM_LANES, 64, "block_q")
+    assert DEFAULT_BLOCKS_12B["tpu"] == (tpu, tpu)
+    assert "conv    tpu" in skipped_table()
 
 
 def test_bad_masks_are_clear_errors():
@@ -303,3 +324,40 @@ def test_dispatcher_runs_the_kernels():
     got = kernels.attention(q, k, v, static_mask=mask, impl="pallas_gpu", interpret=True)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(kernels.attention(q, k, v, static_mask=mask), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("kernel", ["gpu", "tpu"])
+def test_lowers_for_the_12b_layout(kernel, monkeypatch):
+    """Forward and backward with the conv mask at the 12B layout (1280 tokens, head_dim 64, GQA,
+    default tiles) lower for CUDA (Triton modules verified where jax allows the hook) and for TPU
+    (Mosaic, with the block map as scalar prefetch), without the hardware."""
+    verified: list[bool] = []
+    if kernel == "gpu":
+        try:
+            from jax._src.pallas.triton import lowering as triton_lowering
+
+            lower_module = triton_lowering.lower_jaxpr_to_triton_module
+        except (ImportError, AttributeError):  # pragma: no cover
+            verified = [True] * 3
+        else:
+
+            def lower_and_verify(*args, **kwargs):
+                result = lower_module(*args, **kwargs)
+                verified.append(result.module.operation.verify())
+                return result
+
+            monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    mask = DalleMask("conv", 256, 32)
+    mha = pallas_gpu.mha if kernel == "gpu" else pallas_tpu.mha
+    q = jax.ShapeDtypeStruct((2, 1280, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1280, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return mha(q, k, v, static_mask=mask).astype(jnp.float32).sum()
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    text = grad.trace(q, kv, kv).lower(lowering_platforms=("cuda" if kernel == "gpu" else "tpu",)).as_text()
+    if kernel == "gpu":
+        assert text.count("triton") >= 3 and verified == [True, True, True]
+    else:
+        assert text.count("tpu_custom_call") == 3
