@@ -27,6 +27,7 @@ from vlm_jax.kernels.attention.gpu_common import (
     _pop_schedule,
     _q_block_index,
     _query_tile,
+    _query_tile_inputs,
     _schedule,
     _Static,
     _dot,
@@ -177,16 +178,9 @@ def _bwd_kernels(
     q_spec, kv_spec, row_spec = _head_specs(st, bq, tk, d, qb)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [q, k, v, do, lse, delta]
-    if segments:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qb(i))),
-            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
-        ]
-        args += [q_ids, kv_ids]
-    if st.mask is not None:
-        sched = _schedule(st, bq, t.block_k_dq, tq, tk, segments, by_kv=False)
-        in_specs.append(pl.BlockSpec((None, sched.shape[1]), lambda i, bi, hi: (qb(i), 0)))
-        args.append(sched)
+    more_specs, more_args = _query_tile_inputs(st, bq, t.block_k_dq, tq, tk, qb, q_ids, kv_ids)
+    in_specs += more_specs
+    args += more_args
     (dq,) = _pallas(
         functools.partial(_dq_kernel, st=st, segments=segments, n_q_blocks=n_q),
         grid=(n_q, b, h // t.block_h),

@@ -223,6 +223,26 @@ def _schedule(st: _Static, bq: int, bk: int, tq: int, tk: int, segments: bool, b
     return jnp.asarray(masks.kv_schedule(bmap.T if by_kv else bmap, all_masked=segments))
 
 
+def _query_tile_inputs(
+    st: _Static, bq: int, bk: int, tq: int, tk: int, qb: Callable[[Any], Any], q_ids: Any, kv_ids: Any
+) -> tuple[list[Any], list[Any]]:
+    """(BlockSpecs, arrays) a forward or dq pallas_call passes after its own inputs: the segment
+    ids of the query tile and of every key (when given), then a static mask's schedule row."""
+    specs: list[Any] = []
+    args: list[Any] = []
+    if q_ids is not None:
+        specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qb(i))),
+            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
+        ]
+        args += [q_ids, kv_ids]
+    if st.mask is not None:
+        sched = _schedule(st, bq, bk, tq, tk, q_ids is not None, by_kv=False)
+        specs.append(pl.BlockSpec((None, sched.shape[1]), lambda i, bi, hi: (qb(i), 0)))
+        args.append(sched)
+    return specs, args
+
+
 def _pop_schedule(refs: tuple[Any, ...], n_out: int, st: _Static) -> tuple[tuple[Any, ...], Any]:
     """(refs without the schedule, the schedule ref or None): with a static mask the schedule is
     the last input, just before the n_out outputs."""

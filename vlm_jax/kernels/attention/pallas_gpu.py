@@ -43,7 +43,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from vlm_jax.kernels.attention import masks, reference
 from vlm_jax.kernels.attention.gpu_backward import _bwd_kernels
@@ -62,8 +61,8 @@ from vlm_jax.kernels.attention.gpu_common import (  # noqa: F401  (MIN_BLOCK, SH
     _pop_schedule,
     _q_block_index,
     _query_tile,
+    _query_tile_inputs,
     _round_up,
-    _schedule,
     _Static,
     default_tiles,
     short_tiles,
@@ -264,16 +263,9 @@ def _fwd(
     q_spec, kv_spec, row_spec = _head_specs(st, bq, tk, d, qb)
     in_specs = [q_spec, kv_spec, kv_spec]
     args = [q, k, v]
-    if segments:
-        in_specs += [
-            pl.BlockSpec((None, bq), lambda i, bi, hi: (bi, qb(i))),
-            pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, 0)),
-        ]
-        args += [q_ids, kv_ids]
-    if st.mask is not None:
-        sched = _schedule(st, bq, st.tiles.block_k, tq, tk, segments, by_kv=False)
-        in_specs.append(pl.BlockSpec((None, sched.shape[1]), lambda i, bi, hi: (qb(i), 0)))
-        args.append(sched)
+    more_specs, more_args = _query_tile_inputs(st, bq, st.tiles.block_k, tq, tk, qb, q_ids, kv_ids)
+    in_specs += more_specs
+    args += more_args
     out, lse = _pallas(
         functools.partial(_fwd_kernel, st=st, segments=segments, n_q_blocks=n_q),
         grid=(n_q, b, h // st.tiles.block_h),

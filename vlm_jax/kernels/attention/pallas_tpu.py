@@ -67,17 +67,16 @@ from vlm_jax.kernels.attention.tpu_common import (
     _dot,
     _head,
     _head_specs,
+    _kv_block_map,
     _lanes,
-    _lanes_ids,
-    _last_visible_kv_block,
-    _mask,
     _mask_tables,
     _padded_head_dim,
     _pallas_call,
+    _query_tile_mask,
     _round_up,
     _run_blocks,
+    _segment_inputs,
     _split_tables,
-    _sublanes_ids,
 )
 
 
@@ -273,7 +272,7 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr = refs
         qs_ref = ks_ref = None
-    bq, bk, dp = cfg.block_q, cfg.block_k, q_ref.shape[-1]
+    bk, dp = cfg.block_k, q_ref.shape[-1]
     nh, nkv, g = cfg.block_h, cfg.kv_heads_per_block, cfg.groups
     i, j, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
 
@@ -284,17 +283,7 @@ def _fwd_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> Non
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def step(masked: bool) -> None:
-        mask = None
-        if masked:  # one mask for all the program's heads
-            mask = _mask(
-                (i * bq, bq),
-                (j * bk, bk),
-                0,
-                None if qs_ref is None else qs_ref[...],
-                None if ks_ref is None else ks_ref[:1, :],
-                cfg,
-                kv_bound,
-            )
+        mask = _query_tile_mask(i, j, qs_ref, ks_ref, cfg, kv_bound) if masked else None  # all heads'
         for hh in range(nh):  # the program's query heads, one after another
             m_h, l_h, acc_h = (_head(r, hh, nh) for r in (m_scr, l_scr, acc_scr))
             v_h = _head(v_ref, hh // g, nkv)
@@ -338,21 +327,11 @@ def _forward(
     segments = q_seg is not None
     kv_bound = tkp > cfg.kv_len and not cfg.causal  # causal already hides the padded keys
 
-    def kv_block(i: Any, j: Any, *tables: Any) -> Any:
-        # An invisible causal tile re-uses the last visible block: no new DMA for skipped steps.
-        if cfg.mask is not None:
-            return tables[1][i * nk + j]
-        return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
-
+    kv_block = _kv_block_map(cfg, nk)
     q_spec, kv_spec, _ = _head_specs(cfg, dp, kv_block)
-    in_specs = [q_spec, kv_spec, kv_spec]
-    args = [q, k, v]
-    if segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, kv_block(i, j, *_))),
-        ]
-        args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
+    seg_specs, seg_args = _segment_inputs(cfg, kv_block, q_seg, kv_seg)
+    in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
+    args = [q, k, v, *seg_args]
     heads = None if nh == 1 else nh
     out_specs = [
         q_spec,

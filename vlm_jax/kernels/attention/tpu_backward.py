@@ -27,12 +27,14 @@ from vlm_jax.kernels.attention.tpu_common import (
     _first_visible_q_block,
     _head,
     _head_specs,
+    _kv_block_map,
     _lanes_ids,
-    _last_visible_kv_block,
     _mask,
     _mask_tables,
     _pallas_call,
+    _query_tile_mask,
     _run_blocks,
+    _segment_inputs,
     _split_tables,
     _sublanes_ids,
 )
@@ -50,7 +52,6 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
     else:
         q_ref, k_ref, v_ref, lse_ref, di_ref, do_ref, dq_ref, dq_scr = refs
         qs_ref = ks_ref = None
-    bq, bk = cfg.block_q, cfg.block_k
     nh, nkv, g = cfg.block_h, cfg.kv_heads_per_block, cfg.groups
     i, j, nk = pl.program_id(2), pl.program_id(3), pl.num_programs(3)
 
@@ -59,17 +60,7 @@ def _dq_kernel(*refs: Any, cfg: _Config, segments: bool, kv_bound: bool) -> None
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
     def step(masked: bool) -> None:
-        mask = None
-        if masked:  # one mask for all the program's heads
-            mask = _mask(
-                (i * bq, bq),
-                (j * bk, bk),
-                0,
-                None if qs_ref is None else qs_ref[...],
-                None if ks_ref is None else ks_ref[:1, :],
-                cfg,
-                kv_bound,
-            )
+        mask = _query_tile_mask(i, j, qs_ref, ks_ref, cfg, kv_bound) if masked else None  # all heads'
         for hh in range(nh):  # the program's query heads, one after another
             k = _head(k_ref, hh // g, nkv)[...]
             s = _dot(_head(q_ref, hh, nh)[...], k, _NT) * cfg.sm_scale  # [bq, bk]
@@ -159,20 +150,11 @@ def _backward(
     tile_flops = b * h * tqp * tkp * dp * visible_frac
 
     # ---- dq: grid (B, H / block_h, q blocks, kv blocks), reduce over kv blocks.
-    def kv_block(i: Any, j: Any, *tables: Any) -> Any:
-        if cfg.mask is not None:
-            return tables[1][i * nk + j]
-        return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
-
+    kv_block = _kv_block_map(cfg, nk)
     q_spec, kv_spec, row_spec = _head_specs(cfg, dp, kv_block)
-    in_specs = [q_spec, kv_spec, kv_spec]
-    args = [q, k, v]
-    if segments:
-        in_specs += [
-            pl.BlockSpec((None, bq, NUM_LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
-            pl.BlockSpec((None, NUM_SUBLANES, bk), lambda b_, h_, i, j, *_: (b_, 0, kv_block(i, j, *_))),
-        ]
-        args += [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
+    seg_specs, seg_args = _segment_inputs(cfg, kv_block, q_seg, kv_seg)
+    in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
+    args = [q, k, v, *seg_args]
     in_specs += [row_spec, row_spec, q_spec]
     args += [lse_rows, di_rows, do]
     head_axis = () if nh == 1 else (nh,)

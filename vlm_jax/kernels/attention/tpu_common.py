@@ -159,6 +159,22 @@ def _mask(
     return mask
 
 
+def _query_tile_mask(
+    i: Any, j: Any, qs_ref: Any, ks_ref: Any, cfg: _Config, kv_bound: bool
+) -> jax.Array | None:
+    """`_mask` of the forward / dq tile (q block i, kv block j), [block_q, block_k]; qs_ref / ks_ref
+    are the segment-id tiles (or None)."""
+    return _mask(
+        (i * cfg.block_q, cfg.block_q),
+        (j * cfg.block_k, cfg.block_k),
+        0,
+        None if qs_ref is None else qs_ref[...],
+        None if ks_ref is None else ks_ref[:1, :],
+        cfg,
+        kv_bound,
+    )
+
+
 def _run_blocks(
     i: Any, j: Any, cfg: _Config, segments: bool, kv_bound: bool, is_last_kv: Any, step: Any,
     tables: tuple[Any, ...] = (),
@@ -230,6 +246,33 @@ def _lanes_ids(seg: jax.Array) -> jax.Array:
 def _sublanes_ids(seg: jax.Array) -> jax.Array:
     """[B, T] -> [B, 8, T]: segment ids as a row tile (equal along sublanes)."""
     return jnp.broadcast_to(seg[:, None, :], (seg.shape[0], NUM_SUBLANES, seg.shape[1]))
+
+
+def _kv_block_map(cfg: _Config, nk: int) -> Callable[..., Any]:
+    """(q block i, kv block j, *SMEM tables) -> the kv block the forward / dq grid loads at step
+    (i, j): j, except for skipped tiles, which re-use the last block loaded (no new DMA): the last
+    visible causal block, or a static mask's fetch table (`masks.tpu_tables`)."""
+
+    def kv_block(i: Any, j: Any, *tables: Any) -> Any:
+        if cfg.mask is not None:
+            return tables[1][i * nk + j]
+        return jnp.minimum(j, _last_visible_kv_block(i, cfg, nk)) if cfg.causal else j
+
+    return kv_block
+
+
+def _segment_inputs(
+    cfg: _Config, kv_block: Callable[..., Any], q_seg: jax.Array | None, kv_seg: jax.Array | None
+) -> tuple[list[Any], list[jax.Array]]:
+    """(BlockSpecs, arrays) of the segment ids on the forward / dq grid: a [block_q, 128] column
+    tile of the query ids and an [8, block_k] row tile of the key ids; ([], []) without ids."""
+    if q_seg is None:
+        return [], []
+    specs = [
+        pl.BlockSpec((None, cfg.block_q, NUM_LANES), lambda b_, h_, i, j, *_: (b_, i, 0)),
+        pl.BlockSpec((None, NUM_SUBLANES, cfg.block_k), lambda b_, h_, i, j, *_: (b_, 0, kv_block(i, j, *_))),
+    ]
+    return specs, [_lanes_ids(q_seg), _sublanes_ids(kv_seg)]
 
 
 def _head_specs(cfg: _Config, dp: int, kv_block: Any) -> tuple[Any, Any, Any]:
