@@ -9,6 +9,10 @@
   cache); kv blocks entirely in the future are skipped (and their DMA elided by pointing the
   index map at a block that is already resident);
 * packed sequences through `segment_ids` [B, T] (and `kv_segment_ids` when Tq != Tk);
+* static masks (`static_mask=masks.DalleMask(...)`: DALL-E's row / column / conv masks): the
+  block map goes to SMEM as scalar prefetch; EMPTY tiles run nothing and their index maps point at
+  the block already resident (no DMA), PARTIAL tiles apply the mask's predicate on positions, FULL
+  tiles run mask-free (`masks.tpu_tables`, `tpu_common._run_blocks`);
 * any lengths (padded internally to the block size, the padding masked) and any head dim (padded
   to a multiple of 128 on the TPU unless it is 64 or already a multiple of 128);
 * bf16 / fp32 inputs natively, fp16 computed in fp32 (TPU MXUs have no fp16 path).
@@ -35,6 +39,10 @@ forward / dq block share one kv head (block_h <= group) or span block_h / group 
 Internally the kernels use the [B, heads, T, D] layout (one transpose each way in XLA) so that every
 block is a dense (rows, head_dim) tile. Rows with no visible key at all (possible only with segment
 ids that appear in q but not in kv) give a zero output here, while the reference averages all of v.
+
+Modules: this one (API, block sizes, forward kernel, custom VJP), `tpu_common.py` (configuration,
+tile masks and dispatch, BlockSpecs, the scalar-prefetch pallas_call wrapper), `tpu_backward.py`
+(the dq and dk/dv kernels).
 
 Interpret mode (`interpret=True` or a `pltpu.InterpretParams`) runs the same kernels on CPU; there
 block sizes only need to be multiples of 8, on a TPU multiples of 128.
