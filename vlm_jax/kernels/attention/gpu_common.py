@@ -252,8 +252,9 @@ def _pop_schedule(refs: tuple[Any, ...], n_out: int, st: _Static) -> tuple[tuple
 
 
 def _q_block_index(st: _Static, n_q_blocks: int) -> Callable[[jax.Array], jax.Array]:
-    """Grid index -> query tile. Causal runs the heaviest (last) query tiles first."""
-    if st.causal:
+    """Grid index -> query tile. Causal, and the static masks (all causal), run the heaviest (last)
+    query tiles first."""
+    if st.causal or st.mask is not None:
         return lambda i: n_q_blocks - 1 - i
     return lambda i: i
 
