@@ -127,6 +127,12 @@ def build(
             if set(cfg.kinds) != {"generation"}:
                 raise ValueError(f"evaluator {name!r}: generation cannot be combined with {list(cfg.kinds)}")
             out.append(GenerationEvaluator(name, cfg, config, model, tokenizer, mesh, workdir))
+        elif "reconstruction" in cfg.kinds:  # image tokenizers: evals.reconstruction
+            from vlm_jax.evals.reconstruction import ReconstructionEvaluator
+
+            if set(cfg.kinds) != {"reconstruction"}:
+                raise ValueError(f"evaluator {name!r}: reconstruction cannot be combined with {list(cfg.kinds)}")
+            out.append(ReconstructionEvaluator(name, cfg, config, model, tokenizer, mesh))
         else:
             out.append(Evaluator(name, cfg, config, model, tokenizer, mesh))
     return out
