@@ -19,16 +19,7 @@ import pytest
 
 from vlm_jax import kernels
 from vlm_jax.kernels.attention import choose_impl, pallas_gpu, pallas_tpu, reference, unsupported_reason
-from vlm_jax.kernels.attention.masks import (
-    DEFAULT_BLOCKS_12B,
-    EMPTY,
-    FULL,
-    PARTIAL,
-    DalleMask,
-    kv_schedule,
-    skipped_table,
-    tpu_tables,
-)
+from vlm_jax.kernels.attention.masks import EMPTY, FULL, PARTIAL, DalleMask, kv_schedule, tpu_tables
 
 KINDS = ("row", "column", "conv", "causal")
 # Interpreted kernels are big XLA programs: compile them without LLVM optimisation (as the other
@@ -129,16 +120,19 @@ def test_skipped_fractions_and_kernel_tables():
     np.testing.assert_array_equal(q_fetch, [0, 0, 0, 0, 0, 1])
 
 
-def test_12b_table_uses_the_kernels_default_tiles():
-    """`python -m vlm_jax.kernels.attention.masks` prints its table at the kernels' own defaults."""
-    gpu = pallas_gpu.default_tiles(64, jnp.bfloat16)
-    assert DEFAULT_BLOCKS_12B["gpu fwd"] == (gpu.block_q, gpu.block_k)
-    assert DEFAULT_BLOCKS_12B["gpu dkv"] == (gpu.block_q_dkv, gpu.block_k_dkv)
-    assert DEFAULT_BLOCKS_12B["gpu dq"] == (gpu.block_q_dq, gpu.block_k_dq)
-    assert pallas_gpu.short_tiles(64, jnp.bfloat16, 1280, 1280, heads=62, groups=1) is None
-    tpu = pallas_tpu._block_size(1280, None, pallas_tpu.NUM_LANES, 64, "block_q")
-    assert DEFAULT_BLOCKS_12B["tpu"] == (tpu, tpu)
-    assert "conv    tpu" in skipped_table()
+def test_12b_table_at_the_kernels_default_tiles(capsys):
+    """`python -m vlm_jax.bench.dalle_masks`: the 12B layout at the kernels' default tiles."""
+    from vlm_jax.bench import dalle_masks
+
+    blocks = dalle_masks.default_blocks(1280, 64, jnp.bfloat16)
+    assert blocks == {"gpu fwd": (128, 64), "gpu dkv": (32, 128), "gpu dq": (128, 32), "tpu": (256, 256)}
+    table = dalle_masks.main([])
+    assert capsys.readouterr().out.strip() == table
+    rows = {(line[:8].strip(), line[8:20].strip()): line.split() for line in table.splitlines()[2:]}
+    assert len(rows) == 16 and rows[("row", "gpu fwd")][-2:] == ["69.5%", "44.5%"]
+    assert rows[("causal", "tpu")][-2:] == ["40.0%", "0.0%"]
+    # Short sequences: pallas_gpu's whole-row tiles.
+    assert dalle_masks.default_blocks(80, 64, jnp.bfloat16)["gpu fwd"] == (64, 128)
 
 
 def test_bad_masks_are_clear_errors():

@@ -28,7 +28,8 @@ key. `block_map` classifies (block_q x block_k) tiles as EMPTY (skipped: no load
 PARTIAL (the predicate is applied) or FULL (computed without a mask); `kv_schedule` /
 `tpu_tables` turn a map into the tables the Pallas kernels read.
 
-`python -m vlm_jax.kernels.attention.masks` prints the skipped-tile table of the 12B layout.
+`python -m vlm_jax.bench.dalle_masks` prints the skipped-tile table of the 12B layout at the
+kernels' default tiles.
 """
 
 from __future__ import annotations
@@ -224,20 +225,9 @@ def tpu_tables(bmap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return bmap.astype(np.int32).reshape(-1), fetch(bmap), fetch(bmap.T)
 
 
-# The default tiles of the kernels for the 12B layout (head_dim 64, bfloat16): pallas_gpu's
-# `default_tiles` (forward 128 x 64, dk/dv 32 x 128, dq 128 x 32) and pallas_tpu's 256 x 256 (the
-# largest of 512, 384, 256 that divides 1280).
-DEFAULT_BLOCKS_12B = {
-    "gpu fwd": (128, 64),
-    "gpu dkv": (32, 128),
-    "gpu dq": (128, 32),
-    "tpu": (256, 256),
-}
-
-
-def skipped_table(text_len: int = 256, grid: int = 32, blocks: dict[str, tuple[int, int]] | None = None) -> str:
-    """A text table of `skipped_fraction` per kind and kernel tile size (default: the 12B layout)."""
-    blocks = DEFAULT_BLOCKS_12B if blocks is None else blocks
+def skipped_table(text_len: int, grid: int, blocks: dict[str, tuple[int, int]]) -> str:
+    """A text table of `skipped_fraction` per kind (rows) and named (block_q, block_k) tiling, for
+    the layout [text_len text; grid x grid image]."""
     lines = [
         f"DALL-E layout: {text_len} text + {grid}x{grid} image = {text_len + grid * grid} tokens",
         f"{'kind':<8}{'tiles':<12}{'block q x k':>12}{'tiles':>7}{'empty':>7}{'partial':>8}{'full':>6}"
@@ -251,7 +241,3 @@ def skipped_table(text_len: int = 256, grid: int = 32, blocks: dict[str, tuple[i
                 f"{s['full']:>6}{s['vs_dense']:>12.1%}{s['vs_causal']:>13.1%}"
             )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(skipped_table())
