@@ -29,7 +29,8 @@ def _images(n=2, size=8, seed=0):
 @functools.cache
 def _variables(kind):
     model = _model(kind)
-    return model, jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl="rbg"), _images())
+    boxed = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0, impl="rbg"), _images())
+    return model, nn.meta.unbox(boxed)
 
 
 @pytest.mark.parametrize("kind", ["dvae", "vqvae"])
@@ -66,6 +67,25 @@ def test_gumbel_softmax_is_a_relaxed_one_hot_that_hardens_with_temperature():
     many = dvae.gumbel_softmax(rng, jnp.broadcast_to(logits[0], (20000, 8)), 1.0 / 16)
     freq = np.bincount(np.asarray(jnp.argmax(many, -1)), minlength=8) / 20000
     np.testing.assert_allclose(freq, jax.nn.softmax(logits[0]), atol=0.02)
+
+
+def test_straight_through_decodes_the_hard_sample_with_the_soft_gradient():
+    model, variables = _variables("dvae")
+    images, key = _images(), jax.random.key(3, impl="rbg")
+
+    def recon(params, straight_through, temperature):
+        out = model.apply({"params": params}, images, train=True, temperature=temperature,
+                          straight_through=straight_through, rngs={"dropout": key})
+        return out["reconstruction"]
+
+    run = jax.jit(recon, static_argnums=1)
+    # A cold sample is one-hot already: both ways decode the same codes. A warm one is a mixture,
+    # which the straight-through forward replaces by its argmax.
+    np.testing.assert_allclose(run(variables["params"], True, 1e-4), run(variables["params"], False, 1e-4),
+                               rtol=1e-4, atol=1e-4)
+    assert not np.allclose(run(variables["params"], True, 0.5), run(variables["params"], False, 0.5), atol=1e-3)
+    grad = jax.jit(jax.grad(lambda p: jnp.sum(recon(p, True, 0.5))))(variables["params"])
+    assert float(jnp.abs(grad["encoder"]["codebook_logits"]["kernel"]).sum()) > 0
 
 
 def test_code_statistics():

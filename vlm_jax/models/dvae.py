@@ -229,13 +229,15 @@ class DVAE(nn.Module):
         return self.decoder(vectors)
 
     def __call__(
-        self, images: jax.Array, *, train: bool = False, temperature: jax.Array | float = 1.0
+        self, images: jax.Array, *, train: bool = False, temperature: jax.Array | float = 1.0,
+        straight_through: bool = False,
     ) -> dict[str, jax.Array]:
         """images [B, S, S, 3] -> dict with "reconstruction" f32 [B, S, S, 3], "codes" int32 [B, h, w],
         "perplexity" and "dead_codes" of this batch's codes, and
 
         * dvae: "logits" f32 [B, h, w, K]; with train=True the decoder reads a Gumbel-softmax sample
-          at `temperature` (rng stream "dropout"), else the one-hot argmax;
+          at `temperature` (rng stream "dropout"), else the one-hot argmax; straight_through: the
+          sample's one-hot argmax forward, the relaxed sample's gradient backward;
         * vqvae: the quantiser's "commitment_loss", "codebook_loss", "vq_loss" (their sum) and
           "restarted"; with train=True (and mutable "vq_stats") its EMA statistics update.
         """
@@ -245,6 +247,9 @@ class DVAE(nn.Module):
             codes = jnp.argmax(features, axis=-1).astype(jnp.int32)
             if train:
                 z = gumbel_softmax(self.make_rng("dropout"), features, temperature)
+                if straight_through:
+                    hard = jax.nn.one_hot(jnp.argmax(z, axis=-1), self.num_codes, dtype=z.dtype)
+                    z = hard + z - jax.lax.stop_gradient(z)
             else:
                 z = jax.nn.one_hot(codes, self.num_codes, dtype=jnp.float32)
             vectors = jnp.einsum("bhwk,ke->bhwe", z, self.embedding)
