@@ -46,7 +46,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.model = ml_collections.ConfigDict(
             dict(
                 name="gan_int_cls", text_encoder="clip", text=clip.model.text.to_dict(),
-                embed_dim=clip.model.embed_dim, image_size=size, ngf=64, ndf=64, text_dim=128, z_dim=100,
+                embed_dim=clip.model.embed_dim, image_size=size, ngf=32, ndf=32, text_dim=128, z_dim=100,
             )
         )
         config.data.image_size = size
@@ -91,4 +91,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optim.groups = _players(2e-4)
     config.mesh, config.sharding_rules = default_mesh_and_rules()
     config.evals = ml_collections.ConfigDict()
+    if arg == "tiny":
+        # Validation prompts drawn and read back by the scorer; the stage's CLIP judges them
+        # (CLIP score, Fréchet distance in its feature space, best-of-8 reranking).
+        config.evals.gen = ml_collections.ConfigDict(
+            dict(kinds=("generation",), split="validation", num_examples=256, samples_per_prompt=8,
+                 clip_workdir="stage:clip", batch_size=256, grid_prompts=8, seed=0)
+        )
     return config

@@ -169,12 +169,14 @@ def cmd_sample(args, overrides) -> int:
         return _sample_images(args, workdir, config)
     if args.prompt is None:
         raise config_lib.ConfigError("give --prompt (text) or --image (a captioning run)")
-    prompt = args.prompt
+    if len(args.prompt) > 1 or args.interpolate:
+        raise config_lib.ConfigError("a language model continues one --prompt (quote it); --interpolate draws images")
+    prompt = args.prompt[0]
     template = args.template
     if template == "auto":
         template = "alpaca" if config.data.source in ("world_instruct", "alpaca") else "none"
     if template == "alpaca":
-        prompt = text.format_prompt(args.prompt, args.input)
+        prompt = text.format_prompt(prompt, args.input)
     elif args.input:
         raise config_lib.ConfigError("--input needs --template alpaca")
     sample.run_sample(
@@ -193,9 +195,15 @@ def _sample_images(args, workdir, config) -> int:
         raise config_lib.ConfigError("give --prompt: what to draw (this run is text-to-image)")
     if args.num < 1:
         raise config_lib.ConfigError(f"-n {args.num}: draw at least one image")
+    if args.interpolate and (len(args.prompt) != 2 or args.interpolate < 2):
+        raise config_lib.ConfigError("--interpolate STEPS (at least 2) blends exactly two prompts")
     try:
-        path = images.run_image_sample(workdir, args.prompt, config=config, num=args.num, out=args.out,
-                                       seed=args.seed, step=args.step)
+        if args.interpolate:
+            path = images.run_interpolation(workdir, args.prompt, steps=args.interpolate, config=config,
+                                            num=args.num, out=args.out, seed=args.seed, step=args.step)
+        else:
+            path = images.run_image_sample(workdir, args.prompt, config=config, num=args.num, out=args.out,
+                                           seed=args.seed, step=args.step)
     except draw.PromptError as e:
         print(f"vlm-jax: {e}", file=sys.stderr)
         return 2
@@ -265,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(images for a text-to-image run)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--config", default=None, help="default: the run's config.json")
-    p.add_argument("--prompt", default=None,
-                   help="the text to continue (language models), or what to draw (text-to-image runs)")
+    p.add_argument("--prompt", default=None, nargs="+",
+                   help="the text to continue (language models), or what to draw (text-to-image runs: "
+                        "one or more prompts, a grid row each, the same noise down each column)")
+    p.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
+                   help="text-to-image runs with two prompts: STEPS columns blending the first into "
+                        "the second, -n rows of one noise each")
     p.add_argument("-n", "--num-samples", dest="num", type=int, default=16,
                    help="text-to-image runs: how many images to draw [16]")
     p.add_argument("--out", default=None, help="text-to-image runs: the grid PNG [<workdir>/sample.png]")

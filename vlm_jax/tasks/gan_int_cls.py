@@ -116,3 +116,19 @@ def text_embeddings(model: nn.Module, variables: dict, tokens: jax.Array) -> jax
 def images_from_embeddings(model: nn.Module, variables: dict, embedding: jax.Array, z: jax.Array) -> jax.Array:
     """Images for text embeddings [B, E] (e.g. interpolated between two prompts) and noise z."""
     return model.apply(variables, z, embedding, method=model.generate)
+
+
+def interpolate(
+    model: nn.Module, variables: dict, tokens_a: jax.Array, tokens_b: jax.Array, betas: Any, num: int,
+    rng: jax.Array, config: Any,
+) -> jax.Array:
+    """Images [num, len(betas), S, S, 3]: row i one noise z_i, column j the text embedding
+    (1 - beta_j) h(a) + beta_j h(b) of the two prompts' tokens [L] (the INT term's blend)."""
+    del config
+    h = text_embeddings(model, variables, jnp.stack([tokens_a, tokens_b]))
+    betas = jnp.asarray(betas, jnp.float32)[:, None]
+    blends = (1.0 - betas) * h[0] + betas * h[1]  # [S, E]
+    z = jax.random.normal(rng, (num, model.z_dim), jnp.float32)
+    s = blends.shape[0]
+    flat = images_from_embeddings(model, variables, jnp.tile(blends, (num, 1)), jnp.repeat(z, s, axis=0))
+    return flat.reshape((num, s) + flat.shape[1:])

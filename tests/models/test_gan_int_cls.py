@@ -1,0 +1,249 @@
+"""GAN-INT-CLS: shapes of each part, the matching-aware loss's terms, each player's gradient, and
+training through the one trainer (two stages, frozen text tower, exact resume of both players)."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax import models, tasks
+from vlm_jax.train.trainer import train
+
+GAN = tasks.get("gan_int_cls")
+
+# The test model: narrow players and a one-layer text tower (what the tests check does not
+# depend on widths).
+_SMALL = {
+    "model.ngf": 8, "model.ndf": 8, "model.text_dim": 16, "model.z_dim": 8, "model.embed_dim": 16,
+    "model.text.width": 16, "model.text.depth": 1, "model.text.heads": 2,
+}
+
+
+def _config(**overrides):
+    return config_lib.load("configs/gan_int_cls.py:tiny", {**_SMALL, **overrides})
+
+
+def _init(config, batch):
+    model = models.build(config)
+    init = jax.jit(lambda rng, *inputs: model.init({"params": rng, "dropout": rng}, *inputs, train=False))
+    variables = init(jax.random.key(0), *GAN.model_inputs(batch))
+    return model, nn.unbox(dict(variables))
+
+
+def _batch(b=4, size=32, length=20, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": jnp.asarray(rng.uniform(-1, 1, (b, size, size, 3)), jnp.float32),
+        "tokens": jnp.asarray(rng.integers(4, 500, (b, length)), jnp.int32),
+    }
+
+
+def test_shapes_ranges_and_param_tree():
+    config = _config()
+    batch = _batch()
+    model, variables = _init(config, batch)
+    assert set(variables["params"]) == {"text", "text_projection", "generator", "discriminator"}
+    assert set(variables["batch_stats"]) == {"generator", "discriminator"}
+    h = GAN.text_embeddings(model, variables, batch["tokens"])
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
+    images = GAN.generate(model, variables, batch["tokens"], jax.random.key(1), config)
+    assert images.shape == (4, 32, 32, 3)
+    # mean = std = 0.5: the data normalisation is [-1, 1], the tanh range.
+    assert float(jnp.min(images)) >= -1.0 and float(jnp.max(images)) <= 1.0
+    logits = jax.jit(lambda v, x, e: model.apply(v, x, e, method=model.discriminate))(variables, batch["image"], h)
+    assert logits.shape == (4,)
+    # Another z, other images; the same z across prompts keeps the style (fixed-z grids).
+    other = GAN.generate(model, variables, batch["tokens"], jax.random.key(2), config)
+    assert not np.allclose(images, other)
+    z = jnp.ones((4, config.model.z_dim))
+    np.testing.assert_allclose(GAN.generate_from(model, variables, batch["tokens"], z),
+                               GAN.images_from_embeddings(model, variables, h, z), atol=1e-6)
+
+
+def test_published_sizes_and_bad_settings():
+    published = config_lib.load("configs/gan_int_cls.py:published")
+    model = models.build(published)
+    assert model.generator.image_size == 64 and model.generator.ngf == 128 and model.discriminator.ndf == 64
+    bad = models.build(_config(**{"model.image_size": 48}))
+    with pytest.raises(ValueError, match="4 \\* 2\\^n"):
+        jax.eval_shape(lambda: bad.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)), jnp.zeros((1, 4), jnp.int32)))
+    with pytest.raises(ValueError, match="char-CNN-RNN is not"):
+        models.build(_config(**{"model.text_encoder": "char_cnn_rnn"}))
+
+
+def _terms(model, variables, batch, rng, config):
+    """The matching-aware loss's terms written out again from the paper."""
+    params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    rz, rint, _ = jax.random.split(rng, 3)
+    h = model.apply({"params": params}, batch["tokens"], method=model.embed_text)
+    wrong = jnp.roll(h, 1, axis=0)
+    b = batch["tokens"].shape[0]
+
+    def run(method, *args):
+        nonlocal state
+        out, new = model.apply({"params": params, **state}, *args, train=True, method=method,
+                               mutable=["batch_stats"])
+        state = dict(new)
+        return out
+
+    fake = run(model.generate, jax.random.normal(rz, (b, model.z_dim)), h)
+    s_r = run(model.discriminate, batch["image"], h)
+    s_w = run(model.discriminate, batch["image"], wrong)
+    s_f = run(model.discriminate, fake, h)
+    log_s = jax.nn.log_sigmoid
+    d = -jnp.mean(log_s(s_r) + 0.5 * (log_s(-s_w) + log_s(-s_f)))
+    g = -jnp.mean(log_s(run(model.discriminate, fake, h)))
+    h_int = 0.5 * h + 0.5 * wrong
+    g_int = -jnp.mean(log_s(run(model.discriminate,
+                                run(model.generate, jax.random.normal(rint, (b, model.z_dim)), h_int), h_int)))
+    return d, g, g_int
+
+
+def test_loss_is_the_matching_aware_discriminator_plus_the_generator_with_int():
+    config = _config()
+    batch = _batch()
+    model, variables = _init(config, batch)
+    rng = jax.random.key(3)
+    loss, aux = GAN.loss_fn(model, variables["params"], batch, rng, config,
+                            {"batch_stats": variables["batch_stats"]})
+    d, g, g_int = _terms(model, variables, batch, rng, config)
+    m = aux["metrics"]
+    np.testing.assert_allclose([m["d_loss"], m["g_loss"], m["g_int_loss"]], [d, g, g_int], rtol=1e-5)
+    np.testing.assert_allclose(loss, d + g + g_int, rtol=1e-5)
+    # One caption for every image: the wrong text is the right one, so D scores them alike.
+    same = dict(batch, tokens=jnp.broadcast_to(batch["tokens"][:1], batch["tokens"].shape))
+    _, aux = GAN.loss_fn(model, variables["params"], same, rng, config, {"batch_stats": variables["batch_stats"]})
+    np.testing.assert_allclose(aux["metrics"]["d_real"], aux["metrics"]["d_wrong"], rtol=1e-6)
+    # Statistics: both players' running means moved.
+    for player in ("generator", "discriminator"):
+        before, after = variables["batch_stats"][player], aux["model_state"]["batch_stats"][player]
+        assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_each_player_gets_the_gradient_of_its_own_loss():
+    config = _config()
+    batch = _batch()
+    model, variables = _init(config, batch)
+    state = {"batch_stats": variables["batch_stats"]}
+    rng = jax.random.key(4)
+
+    def losses(p):  # [total, discriminator's, generator's]: one program for the three gradients
+        m = GAN.loss_fn(model, p, batch, rng, config, state)[1]["metrics"]
+        return jnp.stack([m["loss"], m["d_loss"], m["g_loss"] + m["g_int_loss"]])
+
+    jac = jax.jit(jax.jacrev(losses))(variables["params"])
+    total, d_only, g_only = (jax.tree.map(lambda x, i=i: x[i], jac) for i in range(3))
+    close = lambda a, b: jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)  # noqa: E731
+    close(total["discriminator"], d_only["discriminator"])
+    close(total["generator"], g_only["generator"])
+    # The discriminator's loss does not reach the generator, and no loss reaches the text tower.
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(d_only["generator"]))
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves((total["text"], total["text_projection"])))
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g_only["generator"]))
+
+
+def _run_config(world_cache, steps):
+    config = _config(**{
+        "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
+        "data.batch_size": 16, "train.steps": steps, "train.log_every": 1, "train.ckpt_every": 1000,
+        "train.eval_every": 0, "train.progress": False, "train.async_checkpoints": False,
+    })
+    with config.unlocked():
+        config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
+        config.stages = None
+        config.train.init_from_map = ""
+        config.evals = ml_collections.ConfigDict()  # its generation evaluator reads the CLIP stage
+    return config
+
+
+def _state(workdir, step):
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def test_resume_mid_run_is_exact_for_both_players_and_optimisers(world_cache, tmp_path):
+    config = _run_config(world_cache, 4)
+    train(config, str(tmp_path / "straight"))
+    assert train(config, str(tmp_path / "resumed"), stop_at_step=2)["step"] == 2
+    assert train(config, str(tmp_path / "resumed"))["step"] == 4
+    a, b = _state(tmp_path / "straight", 4), _state(tmp_path / "resumed", 4)
+    # Both players' params, both optimisers' moments (their own states) and the batch statistics.
+    assert {"generator", "discriminator"} <= set(a["opt_state"]["inner_states"])
+    for part in ("params", "opt_state", "model_state"):
+        for x, y in zip(jax.tree.leaves(a[part]), jax.tree.leaves(b[part])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The text tower is frozen: not in the checkpoint's trained params' optimiser state.
+    assert "text" not in a["params"] or all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["params"]["text"]), jax.tree.leaves(b["params"]["text"]))
+    )
+
+
+def _staged(world_cache, clip_steps, gan_steps, **overrides):
+    """configs/gan_int_cls.py:tiny as it is (its text tower is the CLIP's), on the small world."""
+    config = config_lib.load("configs/gan_int_cls.py:tiny", {
+        "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
+        "train.log_every": 1, "train.progress": False, "train.async_checkpoints": False,
+        "stages.clip.train.steps": clip_steps, "stages.clip.train.eval_every": 0, "stages.clip.train.ckpt_every": 1000,
+        "train.steps": gan_steps, "train.eval_every": 0, "train.ckpt_every": 1000, **overrides,
+    })
+    with config.unlocked():
+        config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
+        config.stages.clip.data = ml_collections.ConfigDict(dict(batch_size=16))
+        config.stages.clip.evals = ml_collections.ConfigDict(dict(val=dict(num_examples=16)))
+    return config
+
+
+def test_stages_train_the_clip_then_the_gan_on_its_frozen_text_tower(world_cache, tmp_path):
+    """The smoke test of test_tiny_gan_learns_to_draw_the_prompt (-m slow): both stages, a few steps."""
+    from vlm_jax.train import stages
+
+    config = _staged(world_cache, 2, 2, **{"data.batch_size": 16, "model.ngf": 8, "model.ndf": 8})
+    summaries = stages.train_stages(config, str(tmp_path / "run"))
+    assert [(name, s["finished"]) for name, s in summaries] == [("clip", True), ("gan", True)]
+    clip = ocp.StandardCheckpointer().restore(str(tmp_path / "run/clip/checkpoints/2/state"))["params"]
+    gan_config = config_lib.from_json((tmp_path / "run/gan/config.json").read_text())
+    from vlm_jax.sampling.sample import load_for_sampling
+
+    _, model, variables, _ = load_for_sampling(str(tmp_path / "run/gan"), gan_config)
+    for name in ("text", "text_projection"):  # loaded from the CLIP, not trained since
+        for x, y in zip(jax.tree.leaves(clip[name]), jax.tree.leaves(variables["params"][name])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    images = GAN.generate(model, variables, jnp.ones((2, 20), jnp.int32), jax.random.key(0), gan_config)
+    assert images.shape == (2, 32, 32, 3) and bool(jnp.all(jnp.isfinite(images)))
+    # vlm-jax sample on the run of stages (its last stage): a fixed-noise grid across prompts and
+    # an interpolation grid between two.
+    from PIL import Image
+
+    from vlm_jax import cli
+
+    run, grid = str(tmp_path / "run"), tmp_path / "fixed_z.png"
+    prompts = ["a red circle.", "a blue square.", "a green ring."]
+    assert cli.main(["sample", "--workdir", run, "--prompt", *prompts, "-n", "3", "--out", str(grid)]) == 0
+    cells = _cells(np.asarray(Image.open(grid).convert("RGB")), rows=3, cols=3)
+    assert len(cells) == 9
+    interp = tmp_path / "interp.png"
+    assert cli.main(["sample", "--workdir", run, "--prompt", *prompts[:2], "--interpolate", "5", "-n", "2",
+                     "--out", str(interp)]) == 0
+    assert len(_cells(np.asarray(Image.open(interp).convert("RGB")), rows=2, cols=5)) == 10
+    assert cli.main(["sample", "--workdir", run, "--prompt", *prompts, "--interpolate", "5"]) == 2
+
+
+def _cells(canvas, rows, cols):
+    """The image tiles of a sampling.draw grid (tiles on white; each row's label under it)."""
+    from vlm_jax.sampling import draw
+
+    side = 32 * max(1, -(-draw.CELL // 32))
+    tiles = []
+    for r in range(rows):
+        for c in range(cols):
+            y0 = r * (canvas.shape[0] // rows) + draw._GAP
+            x0 = draw._GAP + c * (side + draw._GAP)
+            tile = canvas[y0 : y0 + side, x0 : x0 + side]
+            assert tile.shape == (side, side, 3) and not np.all(tile == 255)
+            tiles.append(tile)
+    return tiles
