@@ -28,6 +28,18 @@ def test_bad_values_and_specs():
         config_lib.load("configs/clip.py:huge")
 
 
+def test_sequence_values_from_the_command_line():
+    """A tuple key takes "a", "a,b", "(1, 2)" or "[1, 2]"; a value of the wrong type is a ConfigError."""
+    config = config_lib.load("configs/gan_int_cls.py:tiny", ["stages.order=gan", "model.text.depth=1"])
+    assert config.stages.order == ("gan",)
+    assert config_lib.load("configs/gan_int_cls.py:tiny", ["stages.order=clip, gan"]).stages.order == ("clip", "gan")
+    config = config_lib.load("configs/clip.py:tiny", ["model.image.channels=(8, 16)"])
+    assert config.model.image.channels == (8, 16)
+    assert config_lib.load("configs/clip.py:tiny", ["model.image.channels=[8,16]"]).model.image.channels == (8, 16)
+    with pytest.raises(config_lib.ConfigError, match="model.image=1"):
+        config_lib.load("configs/clip.py:tiny", {"model.image": 1})
+
+
 def test_locked_config_rejects_new_attributes():
     config = config_lib.load("configs/clip.py:tiny")
     with pytest.raises(AttributeError):

@@ -113,6 +113,15 @@ def parse_value(text: str, current: Any) -> Any:
         return float(text)
     if isinstance(current, str):
         return text
+    if isinstance(current, (tuple, list)):
+        # "(32, 64)", "[a, b]" or plain "a,b" / "a" (a stage order, a list of kinds).
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = [part.strip() for part in text.strip("()[]").split(",") if part.strip()]
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        return type(current)(value)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -144,7 +153,10 @@ def apply_overrides(
         if isinstance(value, str) and not isinstance(node[leaf], str):
             value = parse_value(value, node[leaf])
         with node.unlocked():
-            node[leaf] = value
+            try:
+                node[leaf] = value
+            except TypeError as e:  # ml_collections refuses a value of another type
+                raise ConfigError(f"{key}={value!r}: {e}") from e
 
 
 def _split(override: str) -> tuple[str, str]:
