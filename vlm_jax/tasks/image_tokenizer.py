@@ -114,16 +114,8 @@ def _cluster_sizes(tree: Any) -> list[jax.Array]:
     return found
 
 
-def loss_fn(
-    model: nn.Module,
-    params: Any,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    config: ml_collections.ConfigDict,
-    model_state: dict,
-    *,
-    step: Any = 0,
-) -> tuple[jax.Array, dict]:
+def loss_fn(model: nn.Module, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
+            config: ml_collections.ConfigDict, model_state: dict, *, step: Any = 0) -> tuple[jax.Array, dict]:
     """The tokenizer's loss on a batch {'image' [B, S, S, 3]} at train step `step`, and its metrics
     (see the module docstring); model_state carries the VQ-VAE's EMA statistics."""
     task = config.task
