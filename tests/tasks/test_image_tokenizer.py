@@ -3,10 +3,10 @@ test of configs/dalle.py:tokenizer_tiny, a codebook of the wrong size, and (slow
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -155,12 +155,14 @@ def test_train_smoke_and_a_codebook_of_another_size_is_a_clear_error(world_cache
 
 @pytest.mark.slow
 def test_tiny_tokenizer_reconstructions_keep_every_attribute(tmp_path):
-    """The learning run of configs/dalle.py:tokenizer_tiny as published (about 6-7 min on 2 cores)."""
+    """The learning run of configs/dalle.py:tokenizer_tiny as published (1200 steps; about 5 min on
+    2 idle cores, 20+ min on shared ones). The bar is issue 15's: a tokenizer that loses colours or
+    shapes makes every later number meaningless."""
     from vlm_jax.train.trainer import train
 
     cfg = config_lib.load("configs/dalle.py:tokenizer_tiny", {"train.progress": False})
     ev = train(cfg, str(tmp_path / "run"))["eval"]
-    for attribute in ("color", "shape", "size", "position"):
+    assert ev["val/recon/perplexity"] > 20 and ev["val/recon/dead_codes"] < cfg.model.num_codes / 2
+    for attribute in ("color", "size", "position", "shape"):
         assert ev[f"val/recon/{attribute}_acc"] >= 0.95, (attribute, ev)
-    assert ev["val/recon/perplexity"] > 20
-    assert isinstance(cfg.evals.val, ml_collections.ConfigDict)
+    assert os.path.exists(tmp_path / "run" / "samples" / "val_step1200.png")
