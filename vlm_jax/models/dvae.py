@@ -64,7 +64,7 @@ class ResBlock(nn.Module):
     """The paper's residual block: x [B, H, W, C] -> [B, H, W, features]."""
 
     features: int
-    post_gain: float
+    post_gain: float = 1.0  # the paper's 1 / (number of blocks)**2: each block starts near the identity
     dtype: Any = jnp.float32
 
     @nn.compact
