@@ -94,7 +94,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg == "tiny":
         # Validation prompts drawn and read back by the scorer; the stage's CLIP judges them
         # (CLIP score, Fréchet distance in its feature space, best-of-8 reranking).
-        config.evals.gen = ml_collections.ConfigDict(
+        config.evals.val = ml_collections.ConfigDict(
             dict(kinds=("generation",), split="validation", num_examples=256, samples_per_prompt=8,
                  clip_workdir="stage:clip", batch_size=256, grid_prompts=8, seed=0)
         )

@@ -51,7 +51,7 @@ def test_shapes_ranges_and_param_tree():
     assert set(variables["params"]) == {"text", "text_projection", "generator", "discriminator"}
     assert set(variables["batch_stats"]) == {"generator", "discriminator"}
     h = GAN.text_embeddings(model, variables, batch["tokens"])
-    np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(h), axis=-1), np.sqrt(config.model.embed_dim), rtol=1e-5)
     images = GAN.generate(model, variables, batch["tokens"], jax.random.key(1), config)
     assert images.shape == (4, 32, 32, 3)
     # mean = std = 0.5: the data normalisation is [-1, 1], the tanh range.

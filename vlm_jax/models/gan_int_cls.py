@@ -131,9 +131,12 @@ class GANINTCLS(nn.Module):
         self.text_projection = dense(self.embed_dim, ("embed", "mlp"), use_bias=False)
 
     def embed_text(self, tokens: jax.Array) -> jax.Array:
-        """tokens int [B, L] -> the CLIP text embedding [B, E], unit norm, without gradient."""
+        """tokens int [B, L] -> the CLIP text embedding [B, E] scaled to norm sqrt(E), without
+        gradient. (At unit norm its entries, about 1/sqrt(E), would reach the players' N(0, 0.02)
+        dense layers some 30x weaker than the unit-variance z beside them.)"""
         pooled = self.text(tokens)["pooled"]
-        return jax.lax.stop_gradient(l2_normalize(self.text_projection(pooled)))
+        unit = l2_normalize(self.text_projection(pooled))
+        return jax.lax.stop_gradient(unit * jnp.sqrt(jnp.float32(self.embed_dim)))
 
     def generate(self, z: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
         """z [B, z_dim], embedding [B, E] -> images [B, S, S, 3], data-normalised."""
