@@ -8,6 +8,10 @@ Variants (so far the first stage, the image tokenizer; models.dvae, tasks.image_
   from K = 512 (three groups of one residual block, 32/64/128 channels, 64-d code embedding),
   1200 steps of 64 images; Gumbel temperature 1 -> 1/16 and KL weight 0 -> 0.02 (cosine) over the
   first 600, MSE reconstruction, and a codebook-usage term (weight 0.2) against code collapse.
+  Measured (1200 steps, 500 validation images, 2 shared CPU cores, 14m36s): reconstructions from
+  the hard codes keep colour 0.981, size 0.959 and position 0.990 but shape only 0.588 (main
+  object 0.668, whole scene 0.330); perplexity 162, 135 of 512 codes unused, MSE 0.019. Corners
+  and arms come back rounded: shape misses issue 15's 0.95 bar (the slow test asserts it).
 * tokenizer_tiny_vq: the same encoder and decoder around layers.VectorQuantizer (EMA codebook,
   dead-code restarts).
 * tokenizer: the paper's dVAE, 256x256 -> 32x32 codes from K = 8192: four groups of two blocks,
