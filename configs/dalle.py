@@ -13,7 +13,9 @@ Variants (so far the first stage, the image tokenizer; models.dvae, tasks.image_
   object 0.668, whole scene 0.330); perplexity 162, 135 of 512 codes unused, MSE 0.019. Corners
   and arms come back rounded: shape misses issue 15's 0.95 bar (the slow test asserts it).
 * tokenizer_tiny_vq: the same encoder and decoder around layers.VectorQuantizer (EMA codebook,
-  dead-code restarts).
+  dead-code restarts). Measured the same way (11m12s): colour 0.994, shape 0.935, size 0.983,
+  position 0.999 (main object 0.966, whole scene 0.840); perplexity 288, 28 codes unused, MSE
+  0.0076: much closer to the bar than the dVAE at the same size and steps.
 * tokenizer: the paper's dVAE, 256x256 -> 32x32 codes from K = 8192: four groups of two blocks,
   n_hid 256 (256/512/1024/2048 channels), 128-d code embedding, 7x7 input conv, temperature
   1 -> 1/16 over 150,000 updates, KL weight 0 -> 6.6 over 5000 (cosine), batch 512, lr 1e-4 with
