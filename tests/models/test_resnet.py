@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from vlm_jax.layers import conv
 from vlm_jax.models import resnet
 
 
@@ -118,14 +119,14 @@ def test_conv3x3_matmul_weight_gradient_matches_xla(monkeypatch):
     g = jnp.asarray(rng.normal(size=(2, 6, 5, 4)), jnp.float32)
     plain = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(resnet.conv3x3(x, w), plain(x, w), atol=1e-5)
+    np.testing.assert_allclose(conv.conv3x3(x, w), plain(x, w), atol=1e-5)
     want = jax.vjp(plain, x, w)[1](g)
-    got = jax.vjp(resnet.conv3x3, x, w)[1](g)
+    got = jax.vjp(conv.conv3x3, x, w)[1](g)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-4)
     # The SmallCNN's convs take that path; the ResNet's (strided, 1x1, 7x7 ...) keep XLA's.
     calls = []
-    monkeypatch.setattr(resnet, "conv3x3", lambda x, w: calls.append(w.shape) or plain(x, w))
+    monkeypatch.setattr(conv, "conv3x3", lambda x, w: calls.append(w.shape) or plain(x, w))
     model = resnet.SmallCNN(channels=(4, 8), output_dim=3)
     jax.eval_shape(model.init, _key(0), x[:, :4, :4])
     assert calls == [(3, 3, 3, 4), (3, 3, 4, 8)]

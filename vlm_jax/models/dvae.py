@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.layers.quantizer import VectorQuantizer
-from vlm_jax.models.resnet import _conv_general_dilated as conv_with_matmul_wgrad
+from vlm_jax.layers.conv import conv_with_matmul_wgrad
 
 KINDS = ("dvae", "vqvae")
 _CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -44,7 +44,7 @@ _VQ_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=-1
 
 def _conv(features: int, kernel: int, dtype: Any, name: str, axes: tuple = _CONV_AXES) -> nn.Conv:
     """k x k 'same' conv (k odd), stride 1, f32 params with logical axes (kernel `axes`, bias
-    (axes[-1],)). 3 x 3 convs take their weight gradient as matmuls (models.resnet.conv3x3: the same
+    (axes[-1],)). 3 x 3 convs take their weight gradient as matmuls (layers.conv.conv3x3: the same
     values; on the CPU the tiny tokenizer's step ran about 1.4x faster)."""
     pad = kernel // 2
     return nn.Conv(
