@@ -92,7 +92,9 @@ def tiny_clip_config(world_cache):
 _LONGEST_FIRST = (
     "tests/parallel/test_multihost.py",
     "tests/train/",
+    "tests/models/test_gan_int_cls.py",
     "tests/kernels/",
+    "tests/tasks/test_image_tokenizer.py",
     "tests/sampling/",
     "tests/models/test_captioners.py",
     "tests/layers/test_lora.py",
