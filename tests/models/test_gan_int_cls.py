@@ -166,6 +166,9 @@ def _state(workdir, step):
     return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
 
 
+# -m slow (the default suite's 6-minute budget): the default suite resumes exactly through the
+# trainer (tests/train/test_trainer.py) and trains this family in test_stages_... below.
+@pytest.mark.slow
 def test_resume_mid_run_is_exact_for_both_players_and_optimisers(world_cache, tmp_path):
     config = _run_config(world_cache, 3)
     one = jax.devices()[:1]

@@ -184,6 +184,9 @@ def test_two_processes_match_one_agree_on_sigterm_and_resume_per_host(
     assert seen[-1] == (step + 2) * config.data.batch_size, seen
 
 
+# -m slow (the default suite's 6-minute budget): the default multi-host test above covers two
+# processes training, SIGTERM and resume; this one covers a crashed peer.
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other(tiny_clip_config, tmp_path, compile_cache):
     spec, workdir, port = _spec(_config(tiny_clip_config), tmp_path / "cfg.py"), tmp_path / "run", _free_port()
     procs = [_start(compile_cache, spec, workdir, tmp_path, port, i, "--heartbeat_timeout", "5") for i in range(2)]
