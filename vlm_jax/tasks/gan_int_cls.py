@@ -31,19 +31,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.tasks.base import apply_train
+
 
 def model_inputs(batch: dict) -> tuple:
     """The model's positional inputs for init: images [B, S, S, 3] and tokens [B, L]."""
     return (batch["image"], batch["tokens"])
-
-
-def _apply(model: nn.Module, params: Any, state: dict, method: Any, *args, rng: jax.Array) -> tuple[Any, dict]:
-    """model.apply(method) in training mode -> (output, the updated batch_stats collection)."""
-    out, new = model.apply(
-        {"params": params, **state}, *args, train=True, method=method, mutable=["batch_stats"],
-        rngs={"dropout": rng},
-    )
-    return out, dict(new)
 
 
 def loss_fn(
@@ -64,21 +57,23 @@ def loss_fn(
     wrong = jnp.roll(h, 1, axis=0)
     z = jax.random.normal(rz, (b, model.z_dim), jnp.float32)
 
-    fake, state = _apply(model, params, model_state, model.generate, z, h, rng=rd)
-    s_real, state = _apply(model, params, state, model.discriminate, images, h, rng=rd)
-    s_wrong, state = _apply(model, params, state, model.discriminate, images, wrong, rng=rd)
-    s_fake, state = _apply(model, params, state, model.discriminate, jax.lax.stop_gradient(fake), h, rng=rd)
+    fake, state = apply_train(model, params, model_state, z, h, rng=rd, method=model.generate)
+    s_real, state = apply_train(model, params, state, images, h, rng=rd, method=model.discriminate)
+    s_wrong, state = apply_train(model, params, state, images, wrong, rng=rd, method=model.discriminate)
+    s_fake, state = apply_train(
+        model, params, state, jax.lax.stop_gradient(fake), h, rng=rd, method=model.discriminate
+    )
     d_loss = jnp.mean(jax.nn.softplus(-s_real) + 0.5 * (jax.nn.softplus(s_wrong) + jax.nn.softplus(s_fake)))
 
     # The generator's view: the discriminator's params fixed, its statistics not updated.
     frozen_d = dict(params, discriminator=jax.lax.stop_gradient(params["discriminator"]))
-    g_logits, _ = _apply(model, frozen_d, state, model.discriminate, fake, h, rng=rd)
+    g_logits, _ = apply_train(model, frozen_d, state, fake, h, rng=rd, method=model.discriminate)
     g_loss = jnp.mean(jax.nn.softplus(-g_logits))
     beta = float(task.get("int_beta", 0.5))
     h_int = beta * h + (1.0 - beta) * wrong
     z_int = jax.random.normal(rint, (b, model.z_dim), jnp.float32)
-    fake_int, _ = _apply(model, params, state, model.generate, z_int, h_int, rng=rd)
-    int_logits, _ = _apply(model, frozen_d, state, model.discriminate, fake_int, h_int, rng=rd)
+    fake_int, _ = apply_train(model, params, state, z_int, h_int, rng=rd, method=model.generate)
+    int_logits, _ = apply_train(model, frozen_d, state, fake_int, h_int, rng=rd, method=model.discriminate)
     g_int = jnp.mean(jax.nn.softplus(-int_logits))
     g_total = g_loss + float(task.get("int_weight", 1.0)) * g_int
 
