@@ -1,8 +1,24 @@
 """DALL-E (Ramesh et al. 2021): an image tokenizer, then a transformer over text and image tokens.
 
-    vlm-jax train --config configs/dalle.py:tokenizer_tiny --workdir runs/dvae
+    vlm-jax train --config configs/dalle.py:tiny --workdir runs/dalle     # clip, tokenizer, transformer
+    vlm-jax sample --workdir runs/dalle --prompt "a large red circle on the left" -n 8 --rerank 64
+    vlm-jax train --config configs/dalle.py:tokenizer_tiny --workdir runs/dvae   # a tokenizer alone
 
-Variants (so far the first stage, the image tokenizer; models.dvae, tasks.image_tokenizer):
+Transformer variants (models.dalle, tasks.dalle):
+
+* tiny: three stages on the built-in world. `clip` (configs/clip.py:tiny, 600 steps) is the judge
+  of the generation evaluator (CLIP score, Fréchet distance, best-of-8 reranking); `tokenizer`
+  (tokenizer_tiny_vq below) makes the 8x8 image tokens; `transformer` reads the tokenizer whole
+  (train.init_from_map "tokenizer:.": its params and its VQ statistics, frozen by
+  optim.trainable) and trains the stream [20 text tokens; 64 image tokens] (see the README for
+  the measured run).
+* 12b: the paper's transformer, 64 layers of width 3968, 62 heads of 64, 256 text tokens from
+  16,384 (plus a pad per position) and 32x32 image tokens from 8192 codes, row / column / conv
+  masks: 12,293,824,256 parameters besides its tokenizer (the published dVAE below, 54.8M);
+  bfloat16 with full remat, AdamW as in appendix B.2. Built for `vlm-jax plan` and the golden
+  sharding snapshots; not trained here.
+
+Tokenizer variants (models.dvae, tasks.image_tokenizer):
 
 * tokenizer_tiny: the discrete VAE on the built-in world, 32x32 images -> an 8x8 grid of codes
   from K = 512 (three groups of one residual block, 32/64/128 channels, 64-d code embedding),
@@ -29,11 +45,16 @@ Later stages (the transformer, and a `tiny` that chains stages as configs/show_t
 their variants to `get_config` and use `tokenizer_config` as the first stage's base.
 """
 
+import os
+
 import ml_collections
 
+from vlm_jax import config as config_lib
 from vlm_jax.config_defaults import base_config, default_mesh_and_rules
 
 TOKENIZER_VARIANTS = ("tokenizer_tiny", "tokenizer_tiny_vq", "tokenizer")
+TRANSFORMER_VARIANTS = ("tiny", "12b")
+_CONFIGS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _tiny_model(kind: str) -> ml_collections.ConfigDict:
@@ -89,7 +110,77 @@ def tokenizer_config(arg: str) -> ml_collections.ConfigDict:
     return config
 
 
-def get_config(arg: str = "tokenizer_tiny") -> ml_collections.ConfigDict:
+def _tiny_transformer() -> ml_collections.ConfigDict:
+    """The world model: clip, tokenizer and transformer stages (the module docstring)."""
+    clip_spec = os.path.join(_CONFIGS, "clip.py") + ":tiny"
+    clip = config_lib.load(clip_spec)
+    tokenizer_variant = "tokenizer_tiny_vq"
+    tok = tokenizer_config(tokenizer_variant)
+    config = base_config()
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="dalle", text_vocab=clip.tokenizer.vocab_size, text_len=clip.data.text_length, grid=8,
+            width=256, depth=4, heads=4, head_dim=64, mlp_ratio=4.0, mask_pattern="dalle", conv_kernel=5,
+            pad_id=0, dtype="float32", remat="none", scan_layers=False, tokenizer=tok.model.to_dict(),
+        )
+    )
+    config.data.update(dict(image_size=clip.data.image_size, text_length=clip.data.text_length, batch_size=64))
+    config.tokenizer.vocab_size = clip.tokenizer.vocab_size
+    config.optim.update(dict(lr=1e-3, weight_decay=0.01, warmup_steps=100))
+    config.train.update(dict(steps=2000, log_every=50, eval_every=1000, ckpt_every=1000))
+    config.stages = ml_collections.ConfigDict(
+        dict(
+            order=("clip", "tokenizer", "transformer"),
+            clip=dict(config=clip_spec, train=dict(steps=600, eval_every=600, ckpt_every=600)),
+            # Trained from scratch (not from the CLIP before it); the transformer stage then takes it whole.
+            tokenizer=dict(config=os.path.join(_CONFIGS, "dalle.py") + ":" + tokenizer_variant,
+                           train=dict(init_from="")),
+            transformer=dict(),
+        )
+    )
+    config.evals = ml_collections.ConfigDict(
+        dict(val=dict(kinds=("generation",), split="validation", num_examples=256, samples_per_prompt=8,
+                      clip_workdir="stage:clip", batch_size=256, grid_prompts=8, seed=0))
+    )
+    return config
+
+
+def _published_transformer() -> ml_collections.ConfigDict:
+    """The paper's 12B transformer on the published tokenizer (256x256 -> 32x32 codes, K = 8192)."""
+    config = base_config()
+    config.model = ml_collections.ConfigDict(
+        dict(
+            name="dalle", text_vocab=16384, text_len=256, grid=32, width=3968, depth=64, heads=62, head_dim=64,
+            mlp_ratio=4.0, mask_pattern="dalle", conv_kernel=11, pad_id=0, dtype="bfloat16", remat="full", scan_layers=True,
+            tokenizer=tokenizer_config("tokenizer").model.to_dict(),
+        )
+    )
+    config.data.update(dict(image_size=256, text_length=256, source="coco", batch_size=1024))
+    config.tokenizer.vocab_size = 16384
+    # Sec. 2.4 / appendix B.2: AdamW (b1 0.9, b2 0.96, eps 1e-8, weight decay 4.5e-2), lr 4.5e-4
+    # warmed up over 5000 steps then cosine, gradients clipped at norm 4, batch 1024, 430,000 updates.
+    config.optim.update(dict(lr=4.5e-4, b1=0.9, b2=0.96, eps=1e-8, weight_decay=4.5e-2, warmup_steps=5000,
+                             clip_norm=4.0))
+    config.train.update(dict(steps=430_000, eval_every=10_000, ckpt_every=2_000))
+    config.train.init_from = ""  # the trained tokenizer's run
+    config.evals = ml_collections.ConfigDict()
+    return config
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg in TOKENIZER_VARIANTS:
         return tokenizer_config(arg)
-    raise ValueError(f"unknown dalle variant {arg!r}; choose one of {TOKENIZER_VARIANTS}")
+    if arg == "tiny":
+        config = _tiny_transformer()
+    elif arg == "12b":
+        config = _published_transformer()
+    else:
+        raise ValueError(f"unknown dalle variant {arg!r}; choose one of {TOKENIZER_VARIANTS + TRANSFORMER_VARIANTS}")
+    config.task = ml_collections.ConfigDict(
+        dict(name="dalle", text_loss_weight=1.0 / 8, temperature=1.0, top_k=0, top_p=1.0)
+    )
+    # The tokenizer (params and VQ statistics) comes whole from the previous stage / init_from, frozen.
+    config.train.init_from_map = "tokenizer:."
+    config.optim.trainable = "^(?!tokenizer/)"
+    config.mesh, config.sharding_rules = default_mesh_and_rules()
+    return config

@@ -197,13 +197,16 @@ def _sample_images(args, workdir, config) -> int:
         raise config_lib.ConfigError(f"-n {args.num}: draw at least one image")
     if args.interpolate and (len(args.prompt) != 2 or args.interpolate < 2):
         raise config_lib.ConfigError("--interpolate STEPS (at least 2) blends exactly two prompts")
+    if args.rerank and (args.rerank < args.num or args.interpolate):
+        raise config_lib.ConfigError(f"--rerank N keeps the -n best of N draws: N >= n ({args.num}), no --interpolate")
     try:
         if args.interpolate:
             path = images.run_interpolation(workdir, args.prompt, steps=args.interpolate, config=config,
                                             num=args.num, out=args.out, seed=args.seed, step=args.step)
         else:
             path = images.run_image_sample(workdir, args.prompt, config=config, num=args.num, out=args.out,
-                                           seed=args.seed, step=args.step)
+                                           seed=args.seed, step=args.step, rerank=args.rerank,
+                                           clip_workdir=args.clip_workdir)
     except draw.PromptError as e:
         print(f"vlm-jax: {e}", file=sys.stderr)
         return 2
@@ -282,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", dest="num", type=int, default=16,
                    help="text-to-image runs: how many images to draw [16]")
     p.add_argument("--out", default=None, help="text-to-image runs: the grid PNG [<workdir>/sample.png]")
+    p.add_argument("--rerank", type=int, default=0, metavar="N",
+                   help="text-to-image runs: draw N per prompt, show the -n best by a CLIP's score [0: off]")
+    p.add_argument("--clip-workdir", dest="clip_workdir", default=None,
+                   help="with --rerank: the CLIP run that judges [the run's evaluator's clip_workdir]")
     p.add_argument("--image", default=None, help="an image file to caption (captioning runs)")
     p.add_argument("--attention-png", default=None,
                    help="with --image: where to write the per-word attention figure "

@@ -287,6 +287,6 @@ def from_config(cfg: ml_collections.ConfigDict) -> nn.Module:
         blocks_per_group=int(cfg.get("blocks_per_group", 2)),
         embed_dim=int(cfg.get("embed_dim", 128)),
         input_kernel=int(cfg.get("input_kernel", 7)),
-        vq=vq,
+        vq=tuple(sorted(vq.items())),  # hashable: a model is a static argument of jitted samplers
         dtype=jnp.dtype(cfg.get("dtype", "float32")),
     )

@@ -17,11 +17,14 @@ import functools
 
 
 def _mask(q_pos, kv_pos, q_ids, kv_ids, kv_len, causal):
-    """[B, 1, 1, bq, bk] bool from positions [bq], [bk] and segment ids [B, bq], [B, bk]."""
+    """[B, 1, 1, bq, bk] bool from positions [bq], [bk] and segment ids [B, bq], [B, bk]; causal
+    is a bool or a static DALL-E mask (kernels.attention.masks.DalleMask, its predicate)."""
     import jax.numpy as jnp
 
     valid = jnp.broadcast_to((kv_pos < kv_len)[None, :], (q_pos.shape[0], kv_pos.shape[0]))
-    if causal:
+    if hasattr(causal, "allowed"):
+        valid = valid & causal.allowed(q_pos[:, None], kv_pos[None, :])
+    elif causal:
         valid = valid & (kv_pos[None, :] <= q_pos[:, None])
     same = q_ids[:, :, None] == kv_ids[:, None, :]
     return (valid[None] & same)[:, None, None]
@@ -140,7 +143,8 @@ def _flash():
 
 
 def flash_attention_standin(
-    q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None, sm_scale=None, block: int = 128
+    q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None, sm_scale=None, block: int = 128,
+    static_mask=None,
 ):
     """Attention with a flash kernel's memory profile on any backend; the contract of
     vlm_jax.kernels.attention (q [B, T, H, D], k/v [B, T, Hkv, D] -> [B, T, H, D]).
@@ -149,8 +153,9 @@ def flash_attention_standin(
     the output and the row logsumexp for the backward pass, which recomputes the scores block by
     block (FlashAttention-2's algorithm, as the cuDNN and Pallas kernels do). Sequences up to
     4 * block are one block; longer ones are padded to whole blocks (padded keys masked, padded
-    queries dropped). Calls with fewer queries than keys (decode) go to the XLA reference. The
-    values and gradients are exact; `plan` compiles this where the target runs a flash kernel.
+    queries dropped). Calls with fewer queries than keys (decode) go to the XLA reference. A
+    static (DALL-E) mask replaces the causal test by its predicate. The values and gradients are
+    exact; `plan` compiles this where the target runs a flash kernel.
     """
     import jax.numpy as jnp
 
@@ -160,7 +165,7 @@ def flash_attention_standin(
     hkv = k.shape[2]
     if k.shape[1] != t:
         return reference.attention(q, k, v, causal=causal, segment_ids=segment_ids,
-                                   kv_segment_ids=kv_segment_ids, sm_scale=sm_scale)
+                                   kv_segment_ids=kv_segment_ids, sm_scale=sm_scale, static_mask=static_mask)
     if h % hkv:
         raise ValueError(f"query heads {h} must be a multiple of kv heads {hkv}")
     scale = float(d**-0.5 if sm_scale is None else sm_scale)
@@ -176,7 +181,8 @@ def flash_attention_standin(
         qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
         k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
         q_ids, kv_ids = (jnp.pad(x, ((0, 0), (0, pad))) for x in (q_ids, kv_ids))
-    out = _flash()(qg, k, v, q_ids, kv_ids, bool(causal), scale, size, t)
+    mask = static_mask if static_mask is not None else bool(causal)
+    out = _flash()(qg, k, v, q_ids, kv_ids, mask, scale, size, t)
     return out[:, :t].reshape(bsz, t, h, d)
 
 
@@ -197,9 +203,9 @@ def target_attention(backend: str, mode: str = "target"):
     seen: list[tuple[str, tuple]] = []
 
     def attention(q, k, v, *, causal=False, segment_ids=None, kv_segment_ids=None, sm_scale=None,
-                  impl="auto", interpret=False):
+                  impl="auto", interpret=False, static_mask=None):
         del interpret
-        kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+        kw = dict(causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, static_mask=static_mask)
         chosen = impl
         if mode == "xla":
             chosen = "xla"

@@ -32,7 +32,9 @@ from vlm_jax.plan.collectives import (
 from vlm_jax.plan.standin import target_attention
 
 # Tasks whose batches are images and their tokenized captions (vlm_jax.data.pipeline).
-IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption")
+IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption", "gan_int_cls", "dalle")
+# Tasks whose batches are images alone.
+IMAGE_TASKS = ("image_tokenizer",)
 
 
 def example_batch(config, rows: int, length: int | None = None) -> dict[str, tuple[tuple, Any]]:
@@ -56,8 +58,8 @@ def example_batch(config, rows: int, length: int | None = None) -> dict[str, tup
             batch["negative_tokens"] = ((rows, text), np.int32)
     elif task == "classification":
         batch["label"] = ((rows,), np.int32)
-    else:
-        known = ", ".join(("lm", *IMAGE_TEXT_TASKS, "classification"))
+    elif task not in IMAGE_TASKS:
+        known = ", ".join(("lm", *IMAGE_TEXT_TASKS, *IMAGE_TASKS, "classification"))
         raise ValueError(f"plan knows no batch for task {task!r} ({known})")
     return batch
 

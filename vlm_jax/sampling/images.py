@@ -46,26 +46,60 @@ def run_image_sample(
     seed: int = 0,
     step: int | None = None,
     batch_size: int = 16,
+    rerank: int = 0,
+    clip_workdir: str | None = None,
 ) -> str:
     """Draws `num` images for each prompt (a string or a list) with the text-to-image run in
     workdir (its checkpoint at `step`, default the latest; every row with rng PRNGKey(seed)) and
     writes them as a grid, a row per prompt with the prompt under it, to `out` (default
-    <workdir>/sample.png); returns the path. draw.PromptError for an empty or over-long prompt,
-    ValueError for a run whose task draws no images."""
+    <workdir>/sample.png); returns the path. rerank N > 0: draw N per prompt and keep the `num`
+    best by the CLIP of clip_workdir (module docstring). draw.PromptError for an empty or
+    over-long prompt, ValueError for a run whose task draws no images."""
     if int(num) < 1:
         raise ValueError(f"-n {num}: draw at least one image")
+    if rerank and int(rerank) < int(num):
+        raise ValueError(f"--rerank {rerank} must be at least -n {num}: it keeps the n best of N")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("give at least one prompt")
     config, model, variables, tokens = _restore(workdir, config, step, prompts)
     task = draw.text_to_image_task(config)
+    judge = _judge(workdir, config, clip_workdir) if rerank else None
+    draws = int(rerank) if rerank else int(num)
     rows = [
-        draw.generate_images(task, model, variables, np.repeat(row[None], int(num), axis=0),
+        draw.generate_images(task, model, variables, np.repeat(row[None], draws, axis=0),
                              jax.random.PRNGKey(int(seed)), config, batch_size)
         for row in tokens
     ]
+    if judge is not None:
+        rows = [best_of(judge, row, prompt, int(num)) for row, prompt in zip(rows, prompts)]
     path = out if out is not None else os.path.join(workdir, "sample.png")
     return draw.write_grid(path, rows, prompts)
+
+
+def _judge(workdir: str, config: ml_collections.ConfigDict, clip_workdir: str | None):
+    """The ClipJudge for --rerank: clip_workdir, else the run's first evaluator's clip_workdir."""
+    from vlm_jax.evals import clip_judge
+    from vlm_jax.train import stages
+
+    spec = clip_workdir or next(
+        (str(e.get("clip_workdir")) for e in (config.get("evals") or {}).values()
+         if isinstance(e, ml_collections.ConfigDict) and e.get("clip_workdir")), "")
+    if not spec:
+        raise ValueError("--rerank needs a CLIP to judge the samples: pass --clip-workdir RUN "
+                         "(the run's evaluators name none)")
+    own = stages.last_stage_dir(workdir) or workdir  # "stage:<name>" is a sibling of the drawing stage
+    return clip_judge.ClipJudge(clip_judge.resolve_clip_workdir(spec, own))
+
+
+def best_of(judge, images: np.ndarray, prompt: str, keep: int) -> np.ndarray:
+    """uint8 images [N, S, S, 3] drawn for `prompt` -> the `keep` with the highest CLIP score
+    against it, best first."""
+    from vlm_jax.evals.clip_judge import clip_score
+
+    text = judge.embed_texts([prompt])
+    scores = clip_score(judge.embed_images(images), np.repeat(text, len(images), axis=0))
+    return images[np.argsort(-scores, kind="stable")[:keep]]
 
 
 def run_interpolation(

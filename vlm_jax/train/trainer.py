@@ -154,14 +154,29 @@ def checkpoint_view(trainable: Any, state: dict) -> dict:
 
 
 def init_from_map(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """config.train.init_from_map 'ours:theirs,...' -> {ours: theirs} (top-level param names)."""
+    """config.train.init_from_map 'ours:theirs,...' -> {ours: theirs} (top-level param names;
+    theirs "." is the source's whole tree, e.g. 'tokenizer:.' puts a tokenizer run's params, and
+    its model state, under our `tokenizer`)."""
     spec = str(config.train.get("init_from_map", "") or "")
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         ours, sep, theirs = item.partition(":")
         if not sep or not ours or not theirs:
-            raise ValueError(f"train.init_from_map item {item!r}: write 'ours:theirs'")
+            raise ValueError(f"train.init_from_map item {item!r}: write 'ours:theirs' (theirs '.': their whole tree)")
         out[ours] = theirs
+    return out
+
+
+def _mapped(source: str, mapping: dict[str, str], abstract: Any, key: str = "params") -> dict[str, Any]:
+    """{ours: the source's tree `theirs` (or its whole tree for ".")} restored as abstract[ours]."""
+    from vlm_jax.train.checkpoint import restore_params
+
+    out = {}
+    for ours, theirs in mapping.items():
+        if theirs == ".":
+            out[ours] = restore_params(source, abstract[ours], key=key)
+        else:
+            out[ours] = restore_params(source, {theirs: abstract[ours]}, key=key)[theirs]
     return out
 
 
@@ -178,14 +193,31 @@ def initial_params(config: ml_collections.ConfigDict, params: Any, abstract_para
         missing = [ours for ours in mapping if ours not in abstract_params]
         if missing:
             raise ValueError(f"train.init_from_map names params the model lacks: {missing}")
-        loaded = restore_params(source, {theirs: abstract_params[ours] for ours, theirs in mapping.items()})
+        loaded = _mapped(source, mapping, abstract_params)
         log.info("initialised %s from %s", ", ".join(f"{o} <- {t}" for o, t in mapping.items()), source)
-        return {**params, **{ours: loaded[theirs] for ours, theirs in mapping.items()}}
+        return {**params, **loaded}
     base = lambda tree: lora.subset(tree, jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: not lora.is_adapter(path), tree))
     loaded = restore_params(source, base(abstract_params))
     log.info("initialised params from %s", source)
     return lora.overlay(params, loaded)
+
+
+def initial_model_state(config: ml_collections.ConfigDict, model_state: dict, abstract: dict) -> dict:
+    """Fresh model state, with the statistics (BatchNorm's, a VQ codebook's EMA) of the params
+    that init_from_map loads whole ("ours:.") taken from the source's model state as well."""
+    source = str(config.train.get("init_from", "") or "")
+    whole = {ours: "." for ours, theirs in init_from_map(config).items() if theirs == "."}
+    if not source or not whole or not model_state:
+        return model_state
+    out = dict(model_state)
+    for collection, tree in model_state.items():
+        mapping = {ours: "." for ours in whole if ours in tree}
+        if mapping:
+            loaded = _mapped(source, mapping, {o: {collection: abstract[collection][o]} for o in mapping},
+                             key="model_state")
+            out[collection] = {**tree, **{o: loaded[o][collection] for o in mapping}}
+    return out
 
 
 def load_state(
@@ -199,6 +231,8 @@ def load_state(
     if step is None or trainable is not None:
         state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
         state["params"] = initial_params(config, state["params"], abstract["params"])
+        if step is None:
+            state["model_state"] = initial_model_state(config, state["model_state"], abstract["model_state"])
     if step is None:
         return state, None
     restored, data_state = checkpointer.restore(step, checkpoint_view(trainable, abstract))
