@@ -29,9 +29,12 @@ Tokenizer variants (models.dvae, tasks.image_tokenizer):
   object 0.668, whole scene 0.330); perplexity 162, 135 of 512 codes unused, MSE 0.019. Corners
   and arms come back rounded: shape misses issue 15's 0.95 bar (the slow test asserts it).
 * tokenizer_tiny_vq: the same encoder and decoder around layers.VectorQuantizer (EMA codebook,
-  dead-code restarts). Measured the same way (11m12s): colour 0.994, shape 0.935, size 0.983,
-  position 0.999 (main object 0.966, whole scene 0.840); perplexity 288, 28 codes unused, MSE
-  0.0076: much closer to the bar than the dVAE at the same size and steps.
+  dead-code restarts), 2000 steps of 16 images, EMA decay 0.95 (the tiny DALL-E's tokenizer).
+  Measured (500 validation images, 5m22s on 2 cores, one other process running): colour 0.998,
+  shape 0.984, size 0.994, position 0.999 (main object 0.996, whole scene 0.954); perplexity 138,
+  no unused code, MSE 0.0032; with seed 1 shape 0.956 (the other three >= 0.99). The earlier
+  setting (1200 steps of 64, decay 0.99) gave shape 0.935 in 11m12s: its codebook sat collapsed
+  for the first ~300 steps.
 * tokenizer: the paper's dVAE, 256x256 -> 32x32 codes from K = 8192: four groups of two blocks,
   n_hid 256 (256/512/1024/2048 channels), 128-d code embedding, 7x7 input conv, temperature
   1 -> 1/16 over 150,000 updates, KL weight 0 -> 6.6 over 5000 (cosine), batch 512, lr 1e-4 with
@@ -87,6 +90,14 @@ def tokenizer_config(arg: str) -> ml_collections.ConfigDict:
         # a logit-Laplace likelihood: against the MSE / L1 of normalised pixels a weight of that
         # size keeps the posteriors spread out. The usage term keeps the codes from collapsing.
         config.task.update(dict(temperature_steps=600, kl_steps=600, kl_weight_end=0.02, usage_weight=0.2))
+        if arg == "tokenizer_tiny_vq":
+            # Batches of 16 for 2000 steps (the same images per second as 64, more updates), and
+            # an EMA decay of 0.95: with 0.99 the usage counts, which start at 1, take ~300 steps
+            # to fall under the dead-code threshold, and until then the codebook sits collapsed on
+            # a couple of codes.
+            config.data.batch_size = 16
+            config.model.vq.decay = 0.95
+            config.train.update(dict(steps=2000, eval_every=2000, ckpt_every=2000))
         num_eval = 500
     elif arg == "tokenizer":
         config.model = ml_collections.ConfigDict(
@@ -120,14 +131,14 @@ def _tiny_transformer() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(
         dict(
             name="dalle", text_vocab=clip.tokenizer.vocab_size, text_len=clip.data.text_length, grid=8,
-            width=256, depth=4, heads=4, head_dim=64, mlp_ratio=4.0, mask_pattern="dalle", conv_kernel=5,
+            width=128, depth=4, heads=4, head_dim=32, mlp_ratio=4.0, mask_pattern="causal", conv_kernel=5,
             pad_id=0, dtype="float32", remat="none", scan_layers=False, tokenizer=tok.model.to_dict(),
         )
     )
     config.data.update(dict(image_size=clip.data.image_size, text_length=clip.data.text_length, batch_size=64))
     config.tokenizer.vocab_size = clip.tokenizer.vocab_size
-    config.optim.update(dict(lr=1e-3, weight_decay=0.01, warmup_steps=100))
-    config.train.update(dict(steps=2000, log_every=50, eval_every=1000, ckpt_every=1000))
+    config.optim.update(dict(lr=2e-3, weight_decay=0.01, warmup_steps=100))
+    config.train.update(dict(steps=1200, log_every=50, eval_every=1200, ckpt_every=600))
     config.stages = ml_collections.ConfigDict(
         dict(
             order=("clip", "tokenizer", "transformer"),
@@ -176,8 +187,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config = _published_transformer()
     else:
         raise ValueError(f"unknown dalle variant {arg!r}; choose one of {TOKENIZER_VARIANTS + TRANSFORMER_VARIANTS}")
+    # Sampling: temperature 0.5 over the image codes (at 1.0 the tiny model's stray tokens break
+    # the shapes: val/gen/main_acc 0.28 at 1.0, 0.37 at 0.5, 0.41 greedy, one checkpoint).
     config.task = ml_collections.ConfigDict(
-        dict(name="dalle", text_loss_weight=1.0 / 8, temperature=1.0, top_k=0, top_p=1.0)
+        dict(name="dalle", text_loss_weight=1.0 / 8, temperature=0.5 if arg == "tiny" else 1.0, top_k=0, top_p=1.0)
     )
     # The tokenizer (params and VQ statistics) comes whole from the previous stage / init_from, frozen.
     config.train.init_from_map = "tokenizer:."

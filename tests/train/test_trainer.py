@@ -183,6 +183,10 @@ def test_stage_with_its_own_config_shares_data_and_maps_params(name, tmp_path):
     assert enc.model.embed_dim == config.model.encoder.output_dim
     cap = stages.stage_config(config, "caption", "/runs/x/encoder")
     assert cap.model.name == name and cap.train.init_from == "/runs/x/encoder"
+    assert cap.tokenizer.path == "/runs/x/encoder/tokenizer.model"
+    # After a stage that reads no text (and writes no tokenizer), the last one that has it.
+    later = stages.stage_config(config, "caption", "/runs/x/images", "/runs/x/encoder")
+    assert later.train.init_from == "/runs/x/images" and later.tokenizer.path == "/runs/x/encoder/tokenizer.model"
     assert init_from_map(cap) == {"encoder": "image"}
     # The last stage that has started stands for the run (order from the config or stages.json).
     assert stages.last_stage_dir(str(tmp_path), config) is None

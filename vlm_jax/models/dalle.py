@@ -111,28 +111,24 @@ class Attention(nn.Module):
             return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
         q, k, v = project("query"), project("key"), project("value")
-        n = self.masks[0].seq_len
-        if self.decode and not self.is_initializing():
-            ck = self.variable("cache", "cached_key", jnp.zeros, (b, n, self.num_heads, self.head_dim), self.dtype)
-            cv = self.variable("cache", "cached_value", jnp.zeros, (b, n, self.num_heads, self.head_dim), self.dtype)
+        if not self.decode:
+            attend = lambda mask, q, k, v: kernels.attention(q, k, v, static_mask=mask, impl=self.impl)  # noqa: E731
+            y = _switch(kind, self.masks, attend, q, k, v)
+        else:
+            n, shape = self.masks[0].seq_len, (b, self.masks[0].seq_len, self.num_heads, self.head_dim)
+            ck = self.variable("cache", "cached_key", jnp.zeros, shape, self.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, shape, self.dtype)
             cp = self.variable("cache", "cached_position", lambda: jnp.full((b, n), -1, jnp.int32))
             ci = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            zero, index = jnp.zeros((), jnp.int32), ci.value
-            ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(self.dtype), (zero, index, zero, zero))
-            cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(self.dtype), (zero, index, zero, zero))
-            cp.value = jax.lax.dynamic_update_slice(cp.value, positions.astype(jnp.int32), (zero, index))
-            ci.value = index + t
-            y = _switch(kind, self.masks, _cached_attention, q, ck.value, cv.value, positions, cp.value)
-        else:
-            if self.decode:  # init(decode=True): create the cache variables, write nothing
-                self.variable("cache", "cached_key", jnp.zeros, (b, n, self.num_heads, self.head_dim), self.dtype)
-                self.variable("cache", "cached_value", jnp.zeros, (b, n, self.num_heads, self.head_dim), self.dtype)
-                self.variable("cache", "cached_position", lambda: jnp.full((b, n), -1, jnp.int32))
-                self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+            if self.is_initializing():  # init(decode=True) creates the cache and writes nothing
                 y = v
             else:
-                attend = lambda mask, q, k, v: kernels.attention(q, k, v, static_mask=mask, impl=self.impl)  # noqa: E731
-                y = _switch(kind, self.masks, attend, q, k, v)
+                zero, index = jnp.zeros((), jnp.int32), ci.value
+                ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(self.dtype), (zero, index, zero, zero))
+                cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(self.dtype), (zero, index, zero, zero))
+                cp.value = jax.lax.dynamic_update_slice(cp.value, positions.astype(jnp.int32), (zero, index))
+                ci.value = index + t
+                y = _switch(kind, self.masks, _cached_attention, q, ck.value, cv.value, positions, cp.value)
         return DenseGeneral((width,), (-2, -1), ("heads", "kv", "embed"), dtype=self.dtype, name="out")(
             y.astype(self.dtype)
         )

@@ -60,9 +60,14 @@ def stage_names(config: ml_collections.ConfigDict) -> list[str]:
     return order
 
 
-def stage_config(config: ml_collections.ConfigDict, name: str, previous: str | None) -> ml_collections.ConfigDict:
+def stage_config(
+    config: ml_collections.ConfigDict, name: str, previous: str | None, text_tokenizer_from: str | None = None
+) -> ml_collections.ConfigDict:
     """The config of one stage: the base config with the stage's overrides, and, after the first
-    stage, init_from and the tokenizer of the previous stage (unless the stage sets them)."""
+    stage, init_from and the tokenizer of the previous stage (unless the stage sets them).
+    text_tokenizer_from: the stage folder whose tokenizer.model to take instead of the previous
+    one's (the last stage that has one: a stage that reads no text, e.g. an image tokenizer,
+    writes none)."""
     overrides = _flatten(config.stages[name])
     spec = overrides.pop("config", None)
     if spec:  # a stage of another family (e.g. a CLIP encoder for a captioner): its own config
@@ -82,7 +87,7 @@ def stage_config(config: ml_collections.ConfigDict, name: str, previous: str | N
         if "train.init_from" not in overrides:
             stage.train.init_from = previous
         if "tokenizer.path" not in overrides and not stage.tokenizer.get("path"):
-            stage.tokenizer.path = os.path.join(previous, "tokenizer.model")
+            stage.tokenizer.path = os.path.join(text_tokenizer_from or previous, "tokenizer.model")
     return stage
 
 
@@ -113,12 +118,14 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, STAGES_FILE), "w") as f:
             json.dump({"order": stage_names(config)}, f)
-    summaries, previous = [], None
+    summaries, previous, text_tokenizer = [], None, None
     for name in stage_names(config):
         stage_dir = os.path.join(workdir, name)
-        summary = train(stage_config(config, name, previous), stage_dir, **train_kwargs)
+        summary = train(stage_config(config, name, previous, text_tokenizer), stage_dir, **train_kwargs)
         summaries.append((name, summary))
         if not summary.get("finished"):
             break  # preempted: the next run resumes this stage
         previous = stage_dir
+        if os.path.exists(os.path.join(stage_dir, "tokenizer.model")):
+            text_tokenizer = stage_dir
     return summaries
