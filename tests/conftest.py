@@ -93,6 +93,7 @@ _LONGEST_FIRST = (
     "tests/parallel/test_multihost.py",
     "tests/train/",
     "tests/models/test_gan_int_cls.py",
+    "tests/models/test_dalle.py",
     "tests/kernels/",
     "tests/tasks/test_image_tokenizer.py",
     "tests/sampling/",

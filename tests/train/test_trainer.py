@@ -29,6 +29,9 @@ def _params(workdir, step):
     return ocp.StandardCheckpointer().restore(path)["params"]
 
 
+# -m slow (the default suite's budget): sharded and unsharded runs are also compared by the
+# multi-host test (two processes against one) and every param's sharding by the golden snapshots.
+@pytest.mark.slow
 def test_one_device_and_eight_sharded_devices_agree(tiny_clip_config, tmp_path):
     # With JAX's default random bits, as a run makes them (tests/conftest.py turns them off for
     # compile time): sharded over eight devices, the partitionable threefry gives the same init.
