@@ -15,13 +15,18 @@ LLAMA_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "l
 HAVE_PEER = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 
 
-def test_small_run_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("peer", [
+    False,
+    # -m slow (the default suite's budget): the PyTorch / transformers peer measured beside ours.
+    pytest.param(True, marks=[pytest.mark.slow, pytest.mark.skipif(not HAVE_PEER, reason="no torch/transformers")]),
+])
+def test_small_run_end_to_end(tmp_path, capsys, peer):
     path = tmp_path / "lm.json"
     # conftest makes 8 fake CPU devices; --small's batch of 2 trains on one of them. The peak
     # flags turn on the device report that a CPU otherwise skips.
     argv = ["--config", f"{LLAMA_CONFIG}:tiny", "--small", "--devices", "1", "--json", str(path),
             "--peak-tflops", "1", "--peak-bandwidth", "1e11"]
-    result = bench.main(argv + ([] if HAVE_PEER else ["--no-peer"]))
+    result = bench.main(argv + ([] if peer else ["--no-peer"]))
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     train, decode, report = result["train"], result["decode"], result["device_report"]
     tokens = bench.SMALL_RUN["batch"] * bench.SMALL_RUN["length"]
@@ -46,13 +51,13 @@ def test_small_run_end_to_end(tmp_path, capsys):
 
     table = capsys.readouterr().out
     assert "train MFU" in table and "KV cache speedup" in table
-    if not HAVE_PEER:
+    if not peer:
         assert train["peer"] is None and train["peer_skipped"] == "--no-peer"
         return
-    peer = train["peer"]
-    assert peer["tokens_per_s"] > 0 and decode["peer"]["tokens_per_s"] > 0
-    assert train["ratio"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
-    assert train["params_match"] and peer["params"] == result["params"]["total"]
+    theirs = train["peer"]
+    assert theirs["tokens_per_s"] > 0 and decode["peer"]["tokens_per_s"] > 0
+    assert train["ratio"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert train["params_match"] and theirs["params"] == result["params"]["total"]
     assert "ratio ours/peer" in table and "param counts match" in table
 
 
