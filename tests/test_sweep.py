@@ -110,6 +110,7 @@ def _lines(path):
         return len(f.readlines())
 
 
+@pytest.mark.slow  # the default suite's budget; the summary and failure tests below run the sweep in process
 def test_local_sweep_runs_resumes_and_summarises(tmp_path, monkeypatch, capsys):
     """Two real runs of a shrunk tiny LLaMA, each `python -m vlm_jax.cli train` in a subprocess."""
     from vlm_jax.data import text

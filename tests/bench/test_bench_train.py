@@ -30,6 +30,7 @@ def _check(result: dict) -> None:
     assert result["ours"]["params"] == result["peer"]["params"]
 
 
+@pytest.mark.slow  # the default suite's budget; test_peer_none_skips_the_peer runs the bench's wiring
 def test_cnn_tower_against_its_torch_mirror(capsys):
     result = bench.main(
         ["--config", f"{CLIP_CONFIG}:tiny", *QUICK, *SMALL_TEXT,
@@ -44,7 +45,7 @@ def test_cnn_tower_against_its_torch_mirror(capsys):
     assert "ratio ours/peer" in table and "param counts match" in table
 
 
-@pytest.mark.slow  # CI time; the CNN-tower peer test above covers the bench path
+@pytest.mark.slow  # CI time
 def test_vit_tower_against_hugging_face_clip():
     # tiny's image section has no ViT keys and overrides cannot add keys, so the ViT case starts
     # from b32 (whose image section has them all) and shrinks it.
