@@ -2,7 +2,9 @@
 
     vlm-jax train --config configs/clip.py:tiny --workdir runs/clip
 
-Variants: tiny (CPU, minutes, the built-in world), rn50, b32, b16, l14 (the published sizes).
+Variants: tiny (CPU, minutes, the built-in world), tiny_char (tiny with Reed et al.'s char-CNN-RNN
+as its text tower, on a character tokenizer: the text encoder of configs/gan_int_cls.py:tiny_char),
+rn50, b32, b16, l14 (the published sizes).
 """
 
 import math
@@ -52,7 +54,7 @@ def _model(kind: str, image: dict, embed_dim: int, text: dict, image_size: int):
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config = base_config()
     config.task = ml_collections.ConfigDict(dict(name="contrastive"))
-    if arg == "tiny":
+    if arg in ("tiny", "tiny_char"):
         config.model = _model(
             "cnn", dict(channels=(32, 64, 128, 128), norm="layer", pool="flatten"), 128,
             dict(context_length=20, width=128, depth=2, heads=4, mlp_ratio=4.0), 32,
@@ -75,6 +77,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.train.log_every = 50
         config.train.eval_every = 600
         config.train.ckpt_every = 600
+        if arg == "tiny_char":
+            # Characters (the world's captions use 26, at most 77 of them): one-hot, two temporal
+            # convolutions (kernel 4, 128 channels, max-pool 3), an LSTM of 128, mean over time.
+            config.model.text = ml_collections.ConfigDict(
+                dict(kind="char_cnn_rnn", vocab_size=64, channels=(128, 128), kernel=4, pool=3, hidden=128,
+                     width=128, pad_id=0)
+            )
+            config.data.text_length = 80
+            config.tokenizer.update(dict(vocab_size=64, model_type="char"))
     elif arg in _PUBLISHED:
         kind, image, embed_dim, text, size = _PUBLISHED[arg]
         config.model = _model(kind, image, embed_dim, text, size)
@@ -92,7 +103,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.optim.warmup_steps = 2000
         config.train.steps = 12_800_000_000 // 32768  # 32 epochs of 400M pairs
     else:
-        raise ValueError(f"unknown clip variant {arg!r}; choose tiny, rn50, b32, b16 or l14")
+        raise ValueError(f"unknown clip variant {arg!r}; choose tiny, tiny_char, rn50, b32, b16 or l14")
     config.mesh, config.sharding_rules = default_mesh_and_rules()
     config.evals = ml_collections.ConfigDict(
         dict(val=dict(kinds=("zero_shot", "retrieval"), split="validation", num_examples=1024))

@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.tokenizer = ml_collections.ConfigDict(
-        dict(path="", vocab_size=512)  # path '' -> trained on the world's text, kept in workdir
+        # path '' -> trained on the world's text, kept in workdir; model_type "bpe" or "char"
+        dict(path="", vocab_size=512, model_type="bpe")
     )
     config.optim = ml_collections.ConfigDict(
         dict(

@@ -77,8 +77,9 @@ def test_published_sizes_and_bad_settings():
         models.build(_config(**{"model.text_encoder": "char_cnn_rnn"}))
 
 
-def _terms(model, variables, batch, rng, config):
-    """The matching-aware loss's terms written out again from the paper."""
+def _terms(model, variables, batch, rng, config, real=1.0):
+    """The matching-aware loss's terms written out again from the paper (real: the smoothed label
+    of (real image, right text))."""
     params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
     rz, rint, _ = jax.random.split(rng, 3)
     h = model.apply({"params": params}, batch["tokens"], method=model.embed_text)
@@ -97,7 +98,7 @@ def _terms(model, variables, batch, rng, config):
     s_w = run(model.discriminate, batch["image"], wrong)
     s_f = run(model.discriminate, fake, h)
     log_s = jax.nn.log_sigmoid
-    d = -jnp.mean(log_s(s_r) + 0.5 * (log_s(-s_w) + log_s(-s_f)))
+    d = -jnp.mean(real * log_s(s_r) + (1 - real) * log_s(-s_r) + 0.5 * (log_s(-s_w) + log_s(-s_f)))
     g = -jnp.mean(log_s(run(model.discriminate, fake, h)))
     h_int = 0.5 * h + 0.5 * wrong
     g_int = -jnp.mean(log_s(run(model.discriminate,
@@ -116,6 +117,15 @@ def test_loss_is_the_matching_aware_discriminator_plus_the_generator_with_int():
     m = aux["metrics"]
     np.testing.assert_allclose([m["d_loss"], m["g_loss"], m["g_int_loss"]], [d, g, g_int], rtol=1e-5)
     np.testing.assert_allclose(loss, d + g + g_int, rtol=1e-5)
+    # One-sided label smoothing: only the (real, right text) target moves.
+    with config.unlocked():
+        config.task.real_label = 0.9
+    _, aux = GAN.loss_fn(model, variables["params"], batch, rng, config, {"batch_stats": variables["batch_stats"]})
+    smoothed = _terms(model, variables, batch, rng, config, real=0.9)[0]
+    np.testing.assert_allclose(aux["metrics"]["d_loss"], smoothed, rtol=1e-5)
+    assert abs(float(smoothed) - float(d)) > 1e-6
+    with config.unlocked():
+        config.task.real_label = 1.0
     # One caption for every image: the wrong text is the right one, so D scores them alike.
     same = dict(batch, tokens=jnp.broadcast_to(batch["tokens"][:1], batch["tokens"].shape))
     _, aux = GAN.loss_fn(model, variables["params"], same, rng, config, {"batch_stats": variables["batch_stats"]})

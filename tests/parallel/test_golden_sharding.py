@@ -27,7 +27,7 @@ REGENERATE = f"VLM_JAX_UPDATE_GOLDEN=1 pytest {os.path.relpath(__file__)}"
 CONFIGS = {
     "configs/clip.py": ("tiny", "rn50", "b32", "b16", "l14"),
     "configs/vit.py": ("tiny", "b16", "l16", "h14"),
-    "configs/gan_int_cls.py": ("tiny", "published"),
+    "configs/gan_int_cls.py": ("tiny", "tiny_char", "published"),
     "configs/dalle.py": ("tokenizer_tiny", "tokenizer_tiny_vq", "tokenizer", "tiny", "12b"),
     "configs/llama.py": (
         "tiny", "llama_7b", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_8b", "tinyllama_1b"

@@ -16,6 +16,7 @@ import numpy as np
 import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "char")
 MODEL_FILENAME = "tokenizer.model"
 
 
@@ -53,11 +54,14 @@ class Tokenizer:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int
+        cls, texts: Iterable[str], model_prefix: str | os.PathLike, vocab_size: int, model_type: str = "bpe"
     ) -> Tokenizer:
-        """Trains a BPE model on texts and writes it atomically to `<model_prefix>.model`."""
+        """Trains a model on texts and writes it atomically to `<model_prefix>.model`: BPE, or
+        model_type "char" (one piece per character, for character-level encoders)."""
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"tokenizer model_type {model_type!r}: choose one of {MODEL_TYPES}")
         path = os.fspath(model_prefix) + ".model"
-        proto = _train_proto(texts, vocab_size)
+        proto = _train_proto(texts, vocab_size, model_type)
         _atomic_write(path, proto)
         return cls(spm.SentencePieceProcessor(model_proto=proto), path)
 
@@ -141,7 +145,8 @@ def load_or_train(config: Any, workdir: str | os.PathLike | None) -> Tokenizer:
         texts = world.text_corpus(seed=seed)
     else:  # caption files (coco, karpathy, jsonl): the training split's captions
         texts = _caption_corpus(config)
-    return Tokenizer.train(texts, model_path[: -len(".model")], int(config.tokenizer.vocab_size))
+    return Tokenizer.train(texts, model_path[: -len(".model")], int(config.tokenizer.vocab_size),
+                           str(config.tokenizer.get("model_type", "bpe")))
 
 
 def _caption_corpus(config: Any) -> Iterable[str]:
@@ -152,7 +157,7 @@ def _caption_corpus(config: Any) -> Iterable[str]:
         yield from (c for c in train[i].get("captions", ()) if c)
 
 
-def _train_proto(texts: Iterable[str], vocab_size: int) -> bytes:
+def _train_proto(texts: Iterable[str], vocab_size: int, model_type: str = "bpe") -> bytes:
     """Runs the sentencepiece trainer in memory and returns the serialised model."""
     buf = io.BytesIO()
     # Keep only non-empty lines: sentencepiece counts an empty line as a sentence of nothing.
@@ -163,7 +168,7 @@ def _train_proto(texts: Iterable[str], vocab_size: int) -> bytes:
         vocab_size=int(vocab_size),
         # BPE: on the world's small vocabulary unigram stops early with words split into pieces
         # ("▁a" "nd"); BPE keeps whole words, so captions fit in fewer tokens.
-        model_type="bpe",
+        model_type=model_type,
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         bos_id=BOS_ID,

@@ -125,7 +125,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> CLIP:
         raise ValueError(f"model.image.kind {kind!r}: choose one of {IMAGE_KINDS}")
     return CLIP(
         image=image,
-        text=text.from_config(cfg.text, **common),
+        text=text.tower_from_config(cfg.text, **common),
         embed_dim=cfg.embed_dim,
         image_kind=kind,
         loss=cfg.get("loss", "softmax"),

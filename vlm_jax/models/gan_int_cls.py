@@ -1,9 +1,10 @@
 """GAN-INT-CLS (Reed et al. 2016, "Generative Adversarial Text to Image Synthesis"): a DCGAN whose
 generator and discriminator both read a sentence embedding.
 
-Text: the sentence embedding is a frozen CLIP text tower's (TextTransformer + text_projection,
+Text: the sentence embedding is a frozen CLIP text tower's (its tower + text_projection,
 L2-normalised), loaded from a CLIP run (train.init_from_map "text:text,text_projection:text_projection").
-The paper's char-CNN-RNN encoder is not built here (see configs/gan_int_cls.py).
+The tower is model.text.kind's: a TextTransformer, or the paper's char-CNN-RNN (models.char_cnn_rnn,
+on a character tokenizer) trained against the images in that CLIP run.
 
 Generator: embedding -> dense to `text_dim` (128) + LeakyReLU(0.2), concatenated with z ~ N(0, I)
 (`z_dim`, 100), dense to a 4x4 map of ngf * 2^(n-1) channels, then n - 1 transposed 4x4 stride-2
@@ -162,12 +163,12 @@ def from_config(cfg: ml_collections.ConfigDict) -> GANINTCLS:
     """The model of a `gan_int_cls` model section (text = a CLIP text tower's settings)."""
     if cfg.get("text_encoder", "clip") != "clip":
         raise ValueError(
-            f"gan_int_cls text_encoder {cfg.text_encoder!r}: only 'clip' (a CLIP run's text tower) "
-            "is built; the paper's char-CNN-RNN is not"
+            f"gan_int_cls text_encoder {cfg.text_encoder!r}: the text encoder is always a CLIP run's text "
+            "tower; model.text.kind picks it ('transformer', or 'char_cnn_rnn' for the paper's encoder)"
         )
     size = int(cfg.image_size)
     return GANINTCLS(
-        text=text_tower.from_config(cfg.text),
+        text=text_tower.tower_from_config(cfg.text),
         generator=Generator(
             image_size=size, ngf=int(cfg.ngf), text_dim=int(cfg.text_dim),
             mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),

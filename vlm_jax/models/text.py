@@ -89,3 +89,19 @@ def from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> TextTransfo
         scan_layers=get("scan_layers", False),
         remat=get("remat", "none"),
     )
+
+
+TEXT_KINDS = ("transformer", "char_cnn_rnn")
+
+
+def tower_from_config(cfg: ml_collections.ConfigDict, **overrides: Any) -> nn.Module:
+    """The text tower a text section's `kind` names: "transformer" (default, TextTransformer) or
+    "char_cnn_rnn" (models.char_cnn_rnn, Reed et al. 2016's character-level encoder)."""
+    kind = str(cfg.get("kind", "transformer"))
+    if kind == "transformer":
+        return from_config(cfg, **overrides)
+    if kind == "char_cnn_rnn":
+        from vlm_jax.models import char_cnn_rnn
+
+        return char_cnn_rnn.from_config(cfg, dtype=overrides.get("dtype", cfg.get("dtype", "float32")))
+    raise ValueError(f"model.text.kind {kind!r}: choose one of {TEXT_KINDS}")

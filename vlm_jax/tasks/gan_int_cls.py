@@ -4,6 +4,7 @@ With h the (frozen) text embedding of each image's caption, h' a mismatched one 
 embeddings rolled by one) and s = sigmoid(D(.)):
 
     discriminator:  -[log s(x, h) + (log(1 - s(x, h')) + log(1 - s(G(z, h), h))) / 2]
+                    (with task.real_label r < 1 the first term is r log s + (1 - r) log(1 - s))
     generator:      -log s(G(z, h), h)  -  int_weight * log s(G(z', h_b), h_b)
 
 with h_b = beta h + (1 - beta) h' (the INT term: the generator also learns on interpolated
@@ -63,7 +64,11 @@ def loss_fn(
     s_fake, state = apply_train(
         model, params, state, jax.lax.stop_gradient(fake), h, rng=rd, method=model.discriminate
     )
-    d_loss = jnp.mean(jax.nn.softplus(-s_real) + 0.5 * (jax.nn.softplus(s_wrong) + jax.nn.softplus(s_fake)))
+    # One-sided label smoothing (Salimans et al. 2016; task.real_label < 1, not in the paper): the
+    # (real, right text) target is real_label, so the discriminator's logits stay finite.
+    real = float(task.get("real_label", 1.0))
+    d_real_loss = real * jax.nn.softplus(-s_real) + (1.0 - real) * jax.nn.softplus(s_real)
+    d_loss = jnp.mean(d_real_loss + 0.5 * (jax.nn.softplus(s_wrong) + jax.nn.softplus(s_fake)))
 
     # The generator's view: the discriminator's params fixed, its statistics not updated.
     frozen_d = dict(params, discriminator=jax.lax.stop_gradient(params["discriminator"]))
