@@ -186,6 +186,47 @@ def test_sampling_draws_image_codes_and_top_k_1_is_greedy():
     assert drawn.shape == (2, 16, 16, 3) and bool(jnp.all(jnp.isfinite(drawn)))
 
 
+def test_classifier_free_guidance_mixes_the_empty_text_stream():
+    """guidance s: greedy codes are the argmax of l_u + s (l_c - l_u), l_u the stream whose text is
+    all pads (what task.text_drop trains on); s = 1 is the conditional model; guidance_floor keeps
+    the codes the conditional model finds plausible."""
+    model = _model()
+    images, tokens = _inputs()
+    variables = _init(model, images, tokens)
+    plain = DALLE.sample_codes(model, variables, tokens, jax.random.key(0), temperature=0.0)
+    np.testing.assert_array_equal(DALLE.sample_codes(model, variables, tokens, jax.random.key(0), temperature=0.0,
+                                                     guidance=1.0), plain)
+    guided = DALLE.sample_codes(model, variables, tokens, jax.random.key(0), temperature=0.0, guidance=3.0)
+    text = model.apply(variables, tokens, method=model.text_ids)
+    empty = model.apply(variables, jnp.zeros_like(tokens), method=model.text_ids)
+    np.testing.assert_array_equal(empty, 50 + np.arange(6)[None].repeat(2, 0))
+
+    def logits(prefix):
+        stream = jnp.concatenate([prefix, 56 + jnp.asarray(guided)], 1)
+        return model.apply(variables, stream, method=model.logits)[:, 5:-1, 56:]
+
+    cond, uncond = logits(text), logits(empty)
+    np.testing.assert_array_equal(np.argmax(uncond + 3.0 * (cond - uncond), axis=-1), guided)
+    assert not np.array_equal(guided, plain)  # random weights: guidance changes the drawing
+    # guidance_floor a: the argmax over the codes with p_cond >= a max p_cond only.
+    guided = DALLE.sample_codes(model, variables, tokens, jax.random.key(0), temperature=0.0, guidance=3.0,
+                                guidance_floor=0.5)
+    cond, uncond = logits(text), logits(empty)
+    logp = jax.nn.log_softmax(cond, axis=-1)
+    plausible = logp >= logp.max(-1, keepdims=True) + np.log(0.5)
+    np.testing.assert_array_equal(np.argmax(np.where(plausible, uncond + 3.0 * (cond - uncond), -np.inf), -1), guided)
+    for bad in (dict(guidance=-1.0), dict(guidance=3.0, guidance_floor=1.0), dict(guidance_floor=0.1)):
+        with pytest.raises(ValueError, match="guidance"):
+            model.make_decoder(**bad)
+    # text_drop 1: every caption replaced by the empty text, i.e. the loss of all-pad tokens.
+    batch = {"image": images, "tokens": tokens}
+    loss = lambda drop, b: DALLE.loss_fn(  # noqa: E731
+        model, variables["params"], b, jax.random.key(0),
+        ml_collections.ConfigDict(dict(task=dict(name="dalle", text_drop=drop))), {})[0]
+    np.testing.assert_allclose(loss(1.0, batch), loss(0.0, {**batch, "tokens": jnp.zeros_like(tokens)}), rtol=1e-6)
+    assert abs(float(loss(1.0, batch)) - float(loss(0.0, batch))) > 1e-4
+
+
 def _staged(world_cache):
     """configs/dalle.py:tiny's tokenizer and transformer stages, a few steps of narrow models on the
     small world (the CLIP stage, the evaluator's judge, is left to the slow test)."""

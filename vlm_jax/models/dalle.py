@@ -325,16 +325,33 @@ class Dalle(nn.Module):
         ids = jnp.concatenate([self.text_ids(tokens), self.image_ids(codes)], axis=1)
         return {"logits": self.logits(ids), "codes": codes, "ids": ids}
 
-    def make_decoder(self) -> "DalleDecoder":
-        return DalleDecoder(self)
+    def make_decoder(self, guidance: float = 0.0, guidance_floor: float = 0.0) -> "DalleDecoder":
+        if guidance < 0 or not 0 <= guidance_floor < 1 or (guidance_floor > 0 and guidance == 0):
+            raise ValueError(f"dalle: guidance {guidance} must be >= 0 and guidance_floor {guidance_floor} in "
+                             "[0, 1), and a floor needs guidance > 0")
+        return DalleDecoder(self, float(guidance), float(guidance_floor))
 
 
 @dataclasses.dataclass(frozen=True)
 class DalleDecoder:
     """vlm_jax.sampling's Decoder for a Dalle: prompts are text stream ids (text_len of them), the
-    tokens fed back are image codes, the logits are the image codes' [B, T, K]."""
+    tokens fed back are image codes, the logits are the image codes' [B, T, K].
+
+    guidance s > 0: classifier-free guidance for an autoregressive model (as Make-A-Scene and Parti
+    sample): every row also runs unconditioned, its text all pads (the stream a model trained with
+    task.text_drop saw for a dropped caption), in a second half of the cache, and the logits are
+    l_uncond + s * (l_cond - l_uncond); both halves are fed the same sampled codes. s = 1 is the
+    conditional model; 0 turns guidance off (one half, no extra compute). guidance_floor a in (0, 1):
+    only codes the conditional model finds plausible, p_cond >= a * max p_cond, stay drawable (the
+    plausibility constraint of contrastive decoding, Li et al. 2022): strong guidance then sharpens
+    the choice among those without breaking the image with codes the model would never draw."""
 
     model: Dalle
+    guidance: float = 0.0
+    guidance_floor: float = 0.0
+
+    def _halves(self, x: jax.Array) -> jax.Array:
+        return jnp.concatenate([x, x], axis=0) if self.guidance > 0 else x
 
     @property
     def max_len(self) -> int:
@@ -343,7 +360,7 @@ class DalleDecoder:
     def init_cache(self, params: Any, batch_size: int, context: Any = None) -> Any:
         del params, context
         m = self.model
-        ids = jnp.zeros((batch_size, 1), jnp.int32)
+        ids = jnp.zeros((batch_size * (2 if self.guidance > 0 else 1), 1), jnp.int32)
         shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), ids, decode=True, method=m.logits)["cache"])
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return jax.tree_util.tree_map_with_path(
@@ -353,17 +370,29 @@ class DalleDecoder:
     def step(self, params, cache, tokens, positions, valid):
         m = self.model
         ids = jnp.where(positions >= m.text_len, m.image_offset + tokens, tokens)
-        positions = jnp.where(valid, positions, -1)
+        if self.guidance > 0:  # the unconditioned half: every text position its own pad id
+            ids = jnp.concatenate([ids, jnp.where(positions < m.text_len, m.text_vocab + positions, ids)], axis=0)
+        positions = self._halves(jnp.where(valid, positions, -1))
         logits, variables = m.apply({"params": params, "cache": cache}, ids, positions, decode=True,
                                     method=m.logits, mutable=["cache"])
-        return logits[..., m.image_offset:], variables["cache"]
+        logits = logits[..., m.image_offset:]
+        if self.guidance > 0:
+            cond, uncond = jnp.split(logits, 2, axis=0)
+            logits = uncond + self.guidance * (cond - uncond)
+            if self.guidance_floor > 0:
+                logp = jax.nn.log_softmax(cond, axis=-1)
+                plausible = logp >= jnp.max(logp, axis=-1, keepdims=True) + jnp.log(self.guidance_floor)
+                logits = jnp.where(plausible, logits, -jnp.inf)
+        return logits, variables["cache"]
 
     def select(self, cache: Any, rows: jax.Array) -> Any:
         def gather(path, x):
             if path[-1].key == "cache_index":
                 return x
-            scanned = any(getattr(k, "key", None) == "layers" for k in path)  # [groups, B, ...]
-            return jnp.take(x, rows, axis=1 if scanned else 0)
+            axis = 1 if any(getattr(k, "key", None) == "layers" for k in path) else 0  # scanned: [groups, B, ...]
+            if self.guidance > 0:  # the same rows of both halves
+                return jnp.take(x, jnp.concatenate([rows, rows + x.shape[axis] // 2]), axis=axis)
+            return jnp.take(x, rows, axis=axis)
 
         return jax.tree_util.tree_map_with_path(gather, cache)
 

@@ -1,18 +1,22 @@
 """DALL-E's transformer stage (Ramesh et al. 2021, sec. 2.2): next-token cross-entropy over the
 stream [text; image tokens] of models.dalle, the image tokens from the frozen tokenizer.
 
-    config.task = dict(name="dalle", text_loss_weight=1 / 8, temperature=1.0, top_k=0, top_p=1.0)
+    config.task = dict(name="dalle", text_loss_weight=1 / 8, text_drop=0.0, temperature=1.0, top_k=0,
+                       top_p=1.0, guidance=0.0, guidance_floor=0.0)
 
 Loss: text_loss_weight * CE(text) + (1 - text_loss_weight) * CE(image) (the paper's 1/8 and 7/8),
 each the mean over its predicted positions: the text tokens after the first (every position,
 per-position pads included, over the text and pad ids) and every image token (over the image codes
 only). Metrics: loss, text_loss, image_loss (nats per token), image_acc (top-1 of the image codes)
-and image_perplexity.
+and image_perplexity. text_drop: the fraction of captions replaced by the empty text (every text
+position its pad id), which classifier-free guidance needs (not in the paper).
 
 Drawing (`generate`, what the `generation` evaluator and `vlm-jax sample` call): the caption's text
 stream is the prompt; grid**2 image codes are sampled through vlm_jax.sampling with the model's
 decoder (its logits are the image codes', so temperature / top_k / top_p from config.task act over
-image tokens only), then decoded by the tokenizer. Best-of-N reranking by a world CLIP is the
+image tokens only), then decoded by the tokenizer. guidance s > 0 samples with classifier-free
+guidance (models.dalle.DalleDecoder) from a model trained with text_drop > 0, guidance_floor its
+plausibility constraint. Best-of-N reranking by a world CLIP is the
 evaluator's (`gen/rerank/...`) and `vlm-jax sample`'s.
 
 Batches: image f32 [B, S, S, 3] (data-normalised), tokens int32 [B, L] (L <= model.text_len).
@@ -64,7 +68,13 @@ def loss_fn(
     config: ml_collections.ConfigDict, model_state: dict,
 ) -> tuple[jax.Array, dict]:
     """The weighted stream cross-entropy and its metrics (module docstring)."""
-    out, state = apply_train(model, params, model_state, batch["image"], batch["tokens"], rng=rng)
+    tokens = batch["tokens"]
+    drop = float(config.task.get("text_drop", 0.0))
+    if drop > 0:
+        rng, drop_rng = jax.random.split(rng)
+        dropped = jax.random.bernoulli(drop_rng, drop, (tokens.shape[0], 1))
+        tokens = jnp.where(dropped, jnp.asarray(model.pad_id, tokens.dtype), tokens)
+    out, state = apply_train(model, params, model_state, batch["image"], tokens, rng=rng)
     parts = stream_losses(out["logits"], out["ids"], model.text_len, model.image_offset)
     w = float(config.task.get("text_loss_weight", 1.0 / 8))
     loss = w * parts["text_loss"] + (1.0 - w) * parts["image_loss"]
@@ -85,7 +95,8 @@ def decode_codes(model: nn.Module, variables: dict, codes: jax.Array) -> jax.Arr
 
 
 def sample_codes(model: nn.Module, variables: dict, tokens: Any, rng: jax.Array, *, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+                 top_k: int = 0, top_p: float = 1.0, guidance: float = 0.0, guidance_floor: float = 0.0
+                 ) -> np.ndarray:
     """Image codes int32 [B, grid**2] drawn for tokens [B, L] through vlm_jax.sampling."""
     from vlm_jax.sampling import decode
 
@@ -93,8 +104,8 @@ def sample_codes(model: nn.Module, variables: dict, tokens: Any, rng: jax.Array,
     n = model.grid * model.grid
     method = "sample" if temperature > 0 else "greedy"
     out = decode.generate(
-        model.make_decoder(), variables["params"], prompts.tolist(), max_new_tokens=n, method=method,
-        temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, stop_tokens=(),
+        model.make_decoder(guidance, guidance_floor), variables["params"], prompts.tolist(), max_new_tokens=n,
+        method=method, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, stop_tokens=(),
     )
     codes = np.asarray(out, np.int32)
     if codes.shape != (len(prompts), n):
@@ -108,5 +119,6 @@ def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Arra
     codes = sample_codes(
         model, variables, tokens, rng, temperature=float(task.get("temperature", 1.0)),
         top_k=int(task.get("top_k", 0)), top_p=float(task.get("top_p", 1.0)),
+        guidance=float(task.get("guidance", 0.0)), guidance_floor=float(task.get("guidance_floor", 0.0)),
     )
     return decode_codes(model, variables, jnp.asarray(codes))
