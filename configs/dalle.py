@@ -10,8 +10,9 @@ Transformer variants (models.dalle, tasks.dalle):
   of the generation evaluator (CLIP score, Fréchet distance, best-of-8 reranking); `tokenizer`
   (tokenizer_tiny_vq below) makes the 8x8 image tokens; `transformer` reads the tokenizer whole
   (train.init_from_map "tokenizer:.": its params and its VQ statistics, frozen by
-  optim.trainable) and trains the stream [20 text tokens; 64 image tokens] (see the README for
-  the measured run).
+  optim.trainable) and trains the stream [20 text tokens; 64 image tokens], 1800 steps of 64, 20% of
+  the captions dropped for classifier-free guidance (README: 16m34s for all three stages,
+  val/gen/main_acc 0.539, held-out pairs 0.206).
 * 12b: the paper's transformer, 64 layers of width 3968, 62 heads of 64, 256 text tokens from
   16,384 (plus a pad per position) and 32x32 image tokens from 8192 codes, row / column / conv
   masks: 12,293,824,256 parameters besides its tokenizer (the published dVAE below, 54.8M);

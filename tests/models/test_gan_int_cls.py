@@ -73,7 +73,7 @@ def test_published_sizes_and_bad_settings():
     bad = models.build(_config(**{"model.image_size": 48}))
     with pytest.raises(ValueError, match="4 \\* 2\\^n"):
         jax.eval_shape(lambda: bad.init(jax.random.key(0), jnp.zeros((1, 48, 48, 3)), jnp.zeros((1, 4), jnp.int32)))
-    with pytest.raises(ValueError, match="char-CNN-RNN is not"):
+    with pytest.raises(ValueError, match="model.text.kind picks it"):  # the tower is the CLIP's, by its kind
         models.build(_config(**{"model.text_encoder": "char_cnn_rnn"}))
 
 
