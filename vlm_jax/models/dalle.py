@@ -350,8 +350,9 @@ class DalleDecoder:
     guidance: float = 0.0
     guidance_floor: float = 0.0
 
-    def _halves(self, x: jax.Array) -> jax.Array:
-        return jnp.concatenate([x, x], axis=0) if self.guidance > 0 else x
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 0
 
     @property
     def max_len(self) -> int:
@@ -360,7 +361,7 @@ class DalleDecoder:
     def init_cache(self, params: Any, batch_size: int, context: Any = None) -> Any:
         del params, context
         m = self.model
-        ids = jnp.zeros((batch_size * (2 if self.guidance > 0 else 1), 1), jnp.int32)
+        ids = jnp.zeros((batch_size * (2 if self.guided else 1), 1), jnp.int32)
         shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), ids, decode=True, method=m.logits)["cache"])
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return jax.tree_util.tree_map_with_path(
@@ -370,13 +371,14 @@ class DalleDecoder:
     def step(self, params, cache, tokens, positions, valid):
         m = self.model
         ids = jnp.where(positions >= m.text_len, m.image_offset + tokens, tokens)
-        if self.guidance > 0:  # the unconditioned half: every text position its own pad id
+        positions = jnp.where(valid, positions, -1)
+        if self.guided:  # the unconditioned half: every text position its own pad id
             ids = jnp.concatenate([ids, jnp.where(positions < m.text_len, m.text_vocab + positions, ids)], axis=0)
-        positions = self._halves(jnp.where(valid, positions, -1))
+            positions = jnp.concatenate([positions, positions], axis=0)
         logits, variables = m.apply({"params": params, "cache": cache}, ids, positions, decode=True,
                                     method=m.logits, mutable=["cache"])
         logits = logits[..., m.image_offset:]
-        if self.guidance > 0:
+        if self.guided:
             cond, uncond = jnp.split(logits, 2, axis=0)
             logits = uncond + self.guidance * (cond - uncond)
             if self.guidance_floor > 0:
@@ -390,7 +392,7 @@ class DalleDecoder:
             if path[-1].key == "cache_index":
                 return x
             axis = 1 if any(getattr(k, "key", None) == "layers" for k in path) else 0  # scanned: [groups, B, ...]
-            if self.guidance > 0:  # the same rows of both halves
+            if self.guided:  # the same rows of both halves
                 return jnp.take(x, jnp.concatenate([rows, rows + x.shape[axis] // 2]), axis=axis)
             return jnp.take(x, rows, axis=axis)
 
