@@ -40,7 +40,9 @@ def _players(lr: float) -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config = base_config()
-    config.task = ml_collections.ConfigDict(dict(name="gan_int_cls", int_beta=0.5, int_weight=1.0, real_label=1.0))
+    config.task = ml_collections.ConfigDict(
+        dict(name="gan_int_cls", int_beta=0.5, int_weight=1.0, real_label=1.0, mode_seeking=0.0)
+    )
     if arg in ("tiny", "tiny_char"):
         clip_spec = os.path.join(_CONFIGS, "clip.py") + ":" + arg
         clip = config_lib.load(clip_spec)
@@ -49,6 +51,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             dict(
                 name="gan_int_cls", text_encoder="clip", text=clip.model.text.to_dict(),
                 embed_dim=clip.model.embed_dim, image_size=size, ngf=32, ndf=32, text_dim=128, z_dim=100,
+                d_norm="batch",
             )
         )
         config.data.image_size = size
@@ -74,7 +77,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.model = ml_collections.ConfigDict(
             dict(
                 name="gan_int_cls", text_encoder="clip", embed_dim=512, image_size=64, ngf=128, ndf=64,
-                text_dim=128, z_dim=100,
+                text_dim=128, z_dim=100, d_norm="batch",
                 text=dict(context_length=77, width=512, depth=12, heads=8, mlp_ratio=4.0, vocab_size=49408,
                           act="quick_gelu", ln_eps=1e-5, pad_id=0, eos_id=49407),
             )

@@ -158,6 +158,45 @@ def test_each_player_gets_the_gradient_of_its_own_loss():
     assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(g_only["generator"]))
 
 
+def test_mode_seeking_term():
+    # task.mode_seeking w: the generator also pays w * mean|z - z2| / mean|G(z, h) - G(z2, h)|,
+    # z2 drawn from fold_in(z's key, 1); the discriminator's loss is untouched.
+    config = _config(**{"task.mode_seeking": 0.5})
+    batch, rng = _batch(), jax.random.key(6)
+    model, variables = _init(config, batch)
+    state = {"batch_stats": variables["batch_stats"]}
+    loss, aux = GAN.loss_fn(model, variables["params"], batch, rng, config, state)
+    d, g, g_int = _terms(model, variables, batch, rng, config)
+    rz = jax.random.split(rng, 3)[0]
+    h = model.apply({"params": variables["params"]}, batch["tokens"], method=model.embed_text)
+
+    def draw(key):
+        z = jax.random.normal(key, (4, model.z_dim))
+        images = model.apply({"params": variables["params"], **state}, z, h, train=True, method=model.generate,
+                             mutable=["batch_stats"])[0]
+        return z, images
+
+    (z1, x1), (z2, x2) = draw(rz), draw(jax.random.fold_in(rz, 1))
+    expected = jnp.mean(jnp.abs(z1 - z2)) / (jnp.mean(jnp.abs(x1 - x2)) + 1e-5)
+    np.testing.assert_allclose(aux["metrics"]["g_mode_seeking"], expected, rtol=1e-5)
+    np.testing.assert_allclose(aux["metrics"]["d_loss"], d, rtol=1e-5)
+    np.testing.assert_allclose(loss, d + g + g_int + 0.5 * expected, rtol=1e-5)
+
+
+def test_spectral_discriminator():
+    # model.d_norm "spectral": no batch norm in the discriminator, one power-iteration vector per
+    # convolution, advanced by the loss's (training) passes.
+    batch, rng = _batch(), jax.random.key(5)
+    config = _config(**{"model.d_norm": "spectral"})
+    model, variables = _init(config, batch)
+    stats = variables["batch_stats"]["discriminator"]
+    assert set(stats) == {"conv_0", "conv_1", "conv_2", "joint", "logit"} and set(stats["conv_0"]) == {"u"}
+    _, aux = GAN.loss_fn(model, variables["params"], batch, rng, config, {"batch_stats": variables["batch_stats"]})
+    assert not np.allclose(aux["model_state"]["batch_stats"]["discriminator"]["conv_1"]["u"], stats["conv_1"]["u"])
+    with pytest.raises(ValueError, match="discriminator norm"):
+        _init(_config(**{"model.d_norm": "group"}), batch)
+
+
 def _run_config(world_cache, steps):
     config = _config(**{
         "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.layers.linear import dense
+from vlm_jax.layers.spectral_norm import SpectralConv
 from vlm_jax.models import text as text_tower
 from vlm_jax.models.clip import l2_normalize
 
@@ -97,26 +98,44 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """(images [B, S, S, 3], text embedding [B, E]) -> real/fake logits [B]."""
+    """(images [B, S, S, 3], text embedding [B, E]) -> real/fake logits [B].
+
+    norm "batch" is the paper's (batch norm after every convolution but the first and the
+    last); "spectral" (Miyato et al. 2018, not in the paper) divides every convolution's kernel
+    by its largest singular value instead (layers.spectral_norm; the text's dense layer stays as
+    it is) and drops the batch norms."""
 
     image_size: int = 64
     ndf: int = 64
     text_dim: int = 128
+    norm: str = "batch"
+
+    def _conv(self, x: jax.Array, train: bool, features: int, kernel: int, stride: int, padding: Any,
+              name: str) -> jax.Array:
+        if self.norm == "spectral":
+            return SpectralConv(features, kernel, stride, padding, kernel_init=_DCGAN_INIT, name=name)(x, train)
+        return _conv(features, kernel, stride, padding, name)(x)
+
+    def _bn(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+        return x if self.norm == "spectral" else _bn(train, name)(x)
 
     @nn.compact
     def __call__(self, images: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
+        if self.norm not in ("batch", "spectral"):
+            raise ValueError(f"gan_int_cls: discriminator norm {self.norm!r}; choose 'batch' or 'spectral'")
         n = _num_stages(self.image_size)
         x = images.astype(jnp.float32)
         for i in range(n):
-            x = _conv(self.ndf * 2**i, 4, 2, ((1, 1), (1, 1)), f"conv_{i}")(x)
+            x = self._conv(x, train, self.ndf * 2**i, 4, 2, ((1, 1), (1, 1)), f"conv_{i}")
             if i > 0:
-                x = _bn(train, f"conv_{i}_bn")(x)
+                x = self._bn(x, train, f"conv_{i}_bn")
             x = _leaky(x)
         h = _leaky(dense(self.text_dim, ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="text_dense")(embedding))
         tiled = jnp.broadcast_to(h[:, None, None, :], x.shape[:3] + (self.text_dim,))
         x = jnp.concatenate([x, tiled], axis=-1)
-        x = _leaky(_bn(train, "joint_bn")(_conv(x.shape[-1] - self.text_dim, 1, 1, "VALID", "joint")(x)))
-        return _conv(1, 4, 1, "VALID", "logit")(x).reshape(x.shape[0])
+        x = self._conv(x, train, x.shape[-1] - self.text_dim, 1, 1, "VALID", "joint")
+        x = _leaky(self._bn(x, train, "joint_bn"))
+        return self._conv(x, train, 1, 4, 1, "VALID", "logit").reshape(x.shape[0])
 
 
 class GANINTCLS(nn.Module):
@@ -173,7 +192,8 @@ def from_config(cfg: ml_collections.ConfigDict) -> GANINTCLS:
             image_size=size, ngf=int(cfg.ngf), text_dim=int(cfg.text_dim),
             mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
         ),
-        discriminator=Discriminator(image_size=size, ndf=int(cfg.ndf), text_dim=int(cfg.text_dim)),
+        discriminator=Discriminator(image_size=size, ndf=int(cfg.ndf), text_dim=int(cfg.text_dim),
+                                    norm=str(cfg.get("d_norm", "batch"))),
         embed_dim=int(cfg.embed_dim),
         z_dim=int(cfg.z_dim),
     )

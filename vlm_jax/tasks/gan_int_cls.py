@@ -9,6 +9,8 @@ embeddings rolled by one) and s = sigmoid(D(.)):
 
 with h_b = beta h + (1 - beta) h' (the INT term: the generator also learns on interpolated
 embeddings, beta = task.int_beta, 0.5 in the paper) and the non-saturating generator loss.
+task.mode_seeking w > 0 (not in the paper) adds w * mean|z - z2| / mean|G(z, h) - G(z2, h)| to the
+generator (Mao et al. 2019: a conditional generator that ignores z pays for it).
 
 The two players are one update: the discriminator's term sees the generated images behind
 stop_gradient, and the generator's terms see the discriminator's params behind stop_gradient, so
@@ -81,10 +83,19 @@ def loss_fn(
     int_logits, _ = apply_train(model, frozen_d, state, fake_int, h_int, rng=rd, method=model.discriminate)
     g_int = jnp.mean(jax.nn.softplus(-int_logits))
     g_total = g_loss + float(task.get("int_weight", 1.0)) * g_int
+    ms_weight = float(task.get("mode_seeking", 0.0))
+    if ms_weight > 0:
+        # Mode seeking (Mao et al. 2019, not in the paper): a second noise for the same captions
+        # should give another image; the generator minimises mean|z - z2| / mean|G(z) - G(z2)|.
+        z2 = jax.random.normal(jax.random.fold_in(rz, 1), (b, model.z_dim), jnp.float32)
+        fake2, _ = apply_train(model, params, state, z2, h, rng=rd, method=model.generate)
+        g_ms = jnp.mean(jnp.abs(z - z2)) / (jnp.mean(jnp.abs(fake - fake2)) + 1e-5)
+        g_total = g_total + ms_weight * g_ms
 
     loss = d_loss + g_total
     metrics = dict(
         loss=loss, d_loss=d_loss, g_loss=g_loss, g_int_loss=g_int,
+        **({"g_mode_seeking": g_ms} if ms_weight > 0 else {}),
         d_real=jnp.mean(jax.nn.sigmoid(s_real)), d_wrong=jnp.mean(jax.nn.sigmoid(s_wrong)),
         d_fake=jnp.mean(jax.nn.sigmoid(s_fake)),
     )
