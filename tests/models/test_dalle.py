@@ -127,6 +127,46 @@ def test_cached_decoding_gives_the_full_forward_logits(scan):
     np.testing.assert_allclose(again, direct[::-1], atol=1e-6)
 
 
+def test_code_features_read_the_tokenizer_codebook_in_and_out():
+    """model.code_features: an image code's input is (adds, for "add") code_in(its standardised
+    codebook vector), and the image ids' logits are (add) code_out(x) . vectors (+ code_bias); the
+    cached decoder (given the variables: a VQ codebook lives in vq_stats) matches the full forward."""
+    tok = dict(_TOKENIZER, kind="vqvae", vq=dict(beta=0.25, ema=True, decay=0.99, dead_code_threshold=0.0))
+    images, tokens = _inputs()
+    for mode in ("add", "only"):
+        model = _model(code_features=mode, tokenizer=tok)
+        variables = _init(model, images, tokens)
+        params = variables["params"]
+        assert {"code_in", "code_out"} <= set(params) and "vq_stats" in variables
+        assert ("code_bias" in params) == (mode == "only")
+        apply = jax.jit(model.apply)
+        out = apply(variables, images, tokens)
+        full, ids, codes = out["logits"], out["ids"], out["codes"]
+
+        def logits_with(**changed):
+            return apply({**variables, "params": {**params, **changed}}, images, tokens)["logits"]
+
+        # Zeroing code_out changes the image ids' logits only; zeroing the image ids' rows of the
+        # embedding table and columns of the head changes nothing under "only".
+        no_shared = logits_with(code_out=jax.tree.map(jnp.zeros_like, params["code_out"]))
+        np.testing.assert_allclose(no_shared[..., :56], full[..., :56], atol=1e-5)
+        assert not np.allclose(no_shared[..., 56:], full[..., 56:], atol=1e-4)
+        table = params["embed"]["embedding"].at[56:].set(0)
+        head = params["head"]["kernel"].at[:, 56:].set(0)
+        unused = logits_with(embed={"embedding": table}, head={"kernel": head})
+        assert np.allclose(unused, full, atol=1e-5) == (mode == "only")
+    with pytest.raises(ValueError, match="code_features"):
+        _init(_model(code_features="both", tokenizer=tok), images, tokens)
+    decoder = model.make_decoder()  # the "only" model's (the tiny config's), from its variables
+    step = jax.jit(decoder.step)
+    cache = decoder.init_cache(variables, 2)
+    got, cache = step(variables, cache, ids[:, :6], jnp.broadcast_to(jnp.arange(6)[None], (2, 6)), jnp.ones((2, 6), bool))
+    np.testing.assert_allclose(got, full[:, :6, 56:], atol=1e-5)
+    for r in range(4):
+        got, cache = step(variables, cache, codes[:, r : r + 1], jnp.full((2, 1), 6 + r), jnp.ones((2, 1), bool))
+        np.testing.assert_allclose(got[:, 0], full[:, 6 + r, 56:], atol=1e-5)
+
+
 def test_loss_is_an_eighth_text_and_seven_eighths_image_cross_entropy():
     # Hand-made stream: text_len 3, 2 image tokens, text ids < 4 (image_offset 4), codes 0..1.
     ids = jnp.array([[1, 2, 3, 4, 5]])
@@ -298,9 +338,9 @@ def test_tiny_dalle_learns_to_draw_the_prompt(tmp_path):
     """configs/dalle.py:tiny as it is, every stage on the full built-in world (its default smoke
     test is test_stages_train_clip_tokenizer_then_transformer_and_sample_reranked): the tokenizer
     keeps every attribute at 0.95 or better; one sample per validation prompt gets the main object
-    right well above the shuffled-prompt floor (near chance), and CLIP's best of 8 beats one sample.
-    Issue 15 asks for 0.6 overall; the measured run (README) reached 0.539 (seen 0.917, held-out
-    0.206), best of 8 0.547 (with classifier-free guidance a prompt's samples are alike)."""
+    right well above the shuffled-prompt floor (near chance), held-out pairs included, and CLIP's
+    best of 8 beats one sample. Issue 15 asks for 0.6 overall; the README's run: 0.605 (seen 0.867,
+    held-out 0.375), best of 8 0.719. The bounds below leave room for another machine's numerics."""
     from vlm_jax.train import stages
 
     config = config_lib.load("configs/dalle.py:tiny", {"train.progress": False})
@@ -308,7 +348,8 @@ def test_tiny_dalle_learns_to_draw_the_prompt(tmp_path):
     tok = summaries["tokenizer"]["eval"]
     assert min(tok[f"val/recon/{a}_acc"] for a in ("color", "shape", "size", "position")) >= 0.95
     ev = summaries["transformer"]["eval"]
-    assert ev["val/gen/main_acc"] >= 0.35 and ev["val/gen/main_acc_seen"] >= 0.7
+    assert ev["val/gen/main_acc"] >= 0.5 and ev["val/gen/main_acc_seen"] >= 0.7
+    assert ev["val/gen/main_acc_heldout"] >= 0.25
     assert ev["val/gen/shuffled/main_acc"] < 0.1
     assert ev["val/gen/rerank/main_acc"] > ev["val/gen/main_acc"]
     from vlm_jax import cli  # best of 8 by the CLIP stage, the judge the evaluator names

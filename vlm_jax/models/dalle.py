@@ -19,9 +19,18 @@ gives the dense causal mask everywhere. Output: logits over the whole id space; 
 predicts the token at p + 1, so positions 0 .. text_len - 2 predict the text (task: over the text
 and pad ids) and text_len - 1 .. seq_len - 2 the image codes (over the image ids).
 
+code_features (not in the paper; "none" for the 12B): the image codes also enter and leave through
+the frozen tokenizer's own code vectors [K, e] (standardised over the codebook). "add": an image
+position's input adds code_in(its code's vector) to its embedding row, and the image ids' logits
+add code_out(x) . vectors; "only": the code vectors replace the image ids' embedding rows and
+head columns (logits code_out(x) . vectors + code_bias). Codes that look alike then enter alike
+and score alike: the aim is that a colour learned on the codes of some shapes carries to the codes
+of a shape never seen in that colour (the world's held-out pairs; measured in the README).
+
 Params: tokenizer/... (the DVAE, frozen by the task's config), embed/embedding [V, E],
 text_pos [text_len, E], row_pos / col_pos [grid, E], transformer/layers_i/{ln1, attn/{query, key, value
-[E, H, D] + bias, out [H, D, E] + bias}, ln2, mlp/{fc1, fc2}}, final_norm, head/kernel [E, V].
+[E, H, D] + bias, out [H, D, E] + bias}, ln2, mlp/{fc1, fc2}}, final_norm, head/kernel [E, V]
+(and with code_features code_in/kernel [e, E], code_out/kernel [E, e]; "only": code_bias [K]).
 
 Decoding (`make_decoder()`, for vlm_jax.sampling): a KV cache per layer with each slot's stream
 position, masked by the same DalleMask predicate on positions; prompts are always text_len long
@@ -50,6 +59,9 @@ from vlm_jax.layers.transformer import REMAT_POLICIES
 from vlm_jax.models import dvae
 
 _ACT_AXES = ("batch", "length", "embed")
+
+
+CODE_FEATURES = ("none", "add", "only")
 
 
 def layer_masks(depth: int, pattern: str = "dalle") -> tuple[str, ...]:
@@ -219,6 +231,7 @@ class Dalle(nn.Module):
     remat: str = "none"
     scan_layers: bool = False  # one nn.scan over the layers (Stack)
     attn_impl: str = "auto"
+    code_features: str = "none"  # "none" | "add" | "only" (the module docstring)
 
     @property
     def num_codes(self) -> int:
@@ -259,6 +272,16 @@ class Dalle(nn.Module):
         self.final_norm = LayerNorm(1e-5, self.dtype, name="final_norm")
         self.head = DenseGeneral((self.vocab_size,), (-1,), ("embed", "vocab"), use_bias=False,
                                  dtype=self.dtype, name="head")
+        if self.code_features not in CODE_FEATURES:
+            raise ValueError(f"dalle: code_features {self.code_features!r}: choose one of {CODE_FEATURES}")
+        if self.code_features == "only":
+            self.code_bias = self.param("code_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                                        (self.num_codes,), jnp.float32)
+        if self.code_features != "none":
+            self.code_in = DenseGeneral((self.width,), (-1,), (None, "embed"), use_bias=False, dtype=self.dtype,
+                                        name="code_in")
+            self.code_out = DenseGeneral((self.tokenizer.embed_dim,), (-1,), ("embed", None), use_bias=False,
+                                         dtype=self.dtype, name="code_out")
 
     # ------------------------------------------------------------------ the id stream
 
@@ -293,6 +316,16 @@ class Dalle(nn.Module):
 
     # ------------------------------------------------------------------ the transformer
 
+    def _standard_code_vectors(self) -> jax.Array:
+        """The frozen tokenizer's code vectors [K, e], standardised over the codebook (zero mean,
+        unit variance per dimension), without gradient."""
+        if self.is_initializing():
+            side = self.grid * self.tokenizer.downsample
+            self.tokenizer(jnp.zeros((1, side, side, 3), jnp.float32))
+        vectors = jax.lax.stop_gradient(self.tokenizer.code_vectors())
+        mean, std = jnp.mean(vectors, axis=0), jnp.std(vectors, axis=0)
+        return (vectors - mean) / (std + 1e-6)
+
     def _positions_embedding(self, positions: jax.Array) -> jax.Array:
         """Stream positions int [B, T] -> their position embeddings [B, T, E]."""
         t = self.text_len
@@ -311,9 +344,21 @@ class Dalle(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
         if not decode and t != self.seq_len:
             raise ValueError(f"dalle: a training stream is text_len + grid**2 = {self.seq_len} ids, got {t}")
-        x = self.embed(ids) + self._positions_embedding(positions)
-        x = self.transformer(x, positions, decode)
-        logits = self.head(self.final_norm(x))
+        x = self.embed(ids)
+        if self.code_features != "none":
+            vectors = self._standard_code_vectors()
+            is_code = (ids >= self.image_offset)[..., None]
+            code = jnp.take(vectors, jnp.maximum(ids - self.image_offset, 0), axis=0)
+            by_code = self.code_in(code.astype(self.dtype)).astype(x.dtype)
+            x = jnp.where(is_code, by_code + (x if self.code_features == "add" else 0), x)
+        x = self.final_norm(self.transformer(x + self._positions_embedding(positions), positions, decode))
+        logits = self.head(x)
+        if self.code_features != "none":  # the image ids' logits read each code's vector
+            shared = jnp.einsum("bte,ke->btk", self.code_out(x), vectors.astype(self.dtype)).astype(logits.dtype)
+            if self.code_features == "add":
+                logits = logits.at[..., self.image_offset:].add(shared)
+            else:
+                logits = logits.at[..., self.image_offset:].set(shared + self.code_bias)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
 
     def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -332,10 +377,17 @@ class Dalle(nn.Module):
         return DalleDecoder(self, float(guidance), float(guidance_floor))
 
 
+def _variables(params: Any) -> dict:
+    """The decoder's `params`: the model's variables ({"params": ..., "vq_stats": ...}, which a
+    model with code_features needs: its tokenizer's codebook) or its params alone."""
+    return dict(params) if "params" in params else {"params": params}
+
+
 @dataclasses.dataclass(frozen=True)
 class DalleDecoder:
     """vlm_jax.sampling's Decoder for a Dalle: prompts are text stream ids (text_len of them), the
-    tokens fed back are image codes, the logits are the image codes' [B, T, K].
+    tokens fed back are image codes, the logits are the image codes' [B, T, K]. Its `params` are
+    the model's variables (or its params alone, without code_features).
 
     guidance s > 0: classifier-free guidance for an autoregressive model (as Make-A-Scene and Parti
     sample): every row also runs unconditioned, its text all pads (the stream a model trained with
@@ -362,7 +414,7 @@ class DalleDecoder:
         del params, context
         m = self.model
         ids = jnp.zeros((batch_size * (2 if self.guided else 1), 1), jnp.int32)
-        shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), ids, decode=True, method=m.logits)["cache"])
+        shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), ids, decode=True, method=m.logits))["cache"]
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return jax.tree_util.tree_map_with_path(
             lambda path, x: jnp.full_like(x, -1) if path[-1].key == "cached_position" else x, cache
@@ -375,7 +427,7 @@ class DalleDecoder:
         if self.guided:  # the unconditioned half: every text position its own pad id
             ids = jnp.concatenate([ids, jnp.where(positions < m.text_len, m.text_vocab + positions, ids)], axis=0)
             positions = jnp.concatenate([positions, positions], axis=0)
-        logits, variables = m.apply({"params": params, "cache": cache}, ids, positions, decode=True,
+        logits, variables = m.apply({**_variables(params), "cache": cache}, ids, positions, decode=True,
                                     method=m.logits, mutable=["cache"])
         logits = logits[..., m.image_offset:]
         if self.guided:
@@ -422,4 +474,5 @@ def from_config(cfg: ml_collections.ConfigDict) -> Dalle:
         remat=str(cfg.get("remat", "none")),
         scan_layers=bool(cfg.get("scan_layers", False)),
         attn_impl=str(cfg.get("attn_impl", "auto")),
+        code_features=str(cfg.get("code_features", "none")),
     )

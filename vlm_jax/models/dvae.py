@@ -222,6 +222,10 @@ class DVAE(nn.Module):
             return jnp.argmax(features, axis=-1).astype(jnp.int32)
         return self.codebook.encode(features).astype(jnp.int32)
 
+    def code_vectors(self) -> jax.Array:
+        """Every code's vector [K, embed_dim], float32: what the decoder reads for each code."""
+        return self.embedding if self.kind == "dvae" else self.codebook.get_codebook().astype(jnp.float32)
+
     def decode_codes(self, codes: jax.Array) -> jax.Array:
         """int codes [B, h, w] in [0, num_codes) -> images float32 [B, h*f, w*f, 3] (data normalisation)."""
         if codes.ndim != 3 or not jnp.issubdtype(codes.dtype, jnp.integer):

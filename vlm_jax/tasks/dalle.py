@@ -104,7 +104,7 @@ def sample_codes(model: nn.Module, variables: dict, tokens: Any, rng: jax.Array,
     n = model.grid * model.grid
     method = "sample" if temperature > 0 else "greedy"
     out = decode.generate(
-        model.make_decoder(guidance, guidance_floor), variables["params"], prompts.tolist(), max_new_tokens=n,
+        model.make_decoder(guidance, guidance_floor), variables, prompts.tolist(), max_new_tokens=n,
         method=method, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, stop_tokens=(),
     )
     codes = np.asarray(out, np.int32)
