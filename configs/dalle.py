@@ -13,7 +13,8 @@ Transformer variants (models.dalle, tasks.dalle):
   optim.trainable) and trains the stream [20 text tokens; 64 image tokens], 1800 steps of 64, 20% of
   the captions dropped for classifier-free guidance, the image codes read and scored through the
   tokenizer's code vectors (model.code_features "only"; README: 18m16s for all three stages,
-  val/gen/main_acc 0.605, held-out pairs 0.375, best of 8 by CLIP 0.719).
+  val/gen/main_acc 0.605, held-out pairs 0.375, best of 8 by CLIP 0.719; a second run on 8 host
+  devices 0.531, best of 8 0.742).
 * 12b: the paper's transformer, 64 layers of width 3968, 62 heads of 64, 256 text tokens from
   16,384 (plus a pad per position) and 32x32 image tokens from 8192 codes, row / column / conv
   masks: 12,293,824,256 parameters besides its tokenizer (the published dVAE below, 54.8M);

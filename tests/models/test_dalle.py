@@ -340,7 +340,8 @@ def test_tiny_dalle_learns_to_draw_the_prompt(tmp_path):
     keeps every attribute at 0.95 or better; one sample per validation prompt gets the main object
     right well above the shuffled-prompt floor (near chance), held-out pairs included, and CLIP's
     best of 8 beats one sample. Issue 15 asks for 0.6 overall; the README's run: 0.605 (seen 0.867,
-    held-out 0.375), best of 8 0.719. The bounds below leave room for another machine's numerics."""
+    held-out 0.375), best of 8 0.719; this test's run (8 host devices) 0.531 (seen 0.767, held-out
+    0.324), best of 8 0.742. The bounds below leave room for another machine's numerics."""
     from vlm_jax.train import stages
 
     config = config_lib.load("configs/dalle.py:tiny", {"train.progress": False})
