@@ -110,13 +110,13 @@ class Discriminator(nn.Module):
     text_dim: int = 128
     norm: str = "batch"
 
-    def _conv(self, x: jax.Array, train: bool, features: int, kernel: int, stride: int, padding: Any,
+    def _convolve(self, x: jax.Array, train: bool, features: int, kernel: int, stride: int, padding: Any,
               name: str) -> jax.Array:
         if self.norm == "spectral":
             return SpectralConv(features, kernel, stride, padding, kernel_init=_DCGAN_INIT, name=name)(x, train)
         return _conv(features, kernel, stride, padding, name)(x)
 
-    def _bn(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+    def _normalise(self, x: jax.Array, train: bool, name: str) -> jax.Array:
         return x if self.norm == "spectral" else _bn(train, name)(x)
 
     @nn.compact
@@ -126,16 +126,16 @@ class Discriminator(nn.Module):
         n = _num_stages(self.image_size)
         x = images.astype(jnp.float32)
         for i in range(n):
-            x = self._conv(x, train, self.ndf * 2**i, 4, 2, ((1, 1), (1, 1)), f"conv_{i}")
+            x = self._convolve(x, train, self.ndf * 2**i, 4, 2, ((1, 1), (1, 1)), f"conv_{i}")
             if i > 0:
-                x = self._bn(x, train, f"conv_{i}_bn")
+                x = self._normalise(x, train, f"conv_{i}_bn")
             x = _leaky(x)
         h = _leaky(dense(self.text_dim, ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="text_dense")(embedding))
         tiled = jnp.broadcast_to(h[:, None, None, :], x.shape[:3] + (self.text_dim,))
         x = jnp.concatenate([x, tiled], axis=-1)
-        x = self._conv(x, train, x.shape[-1] - self.text_dim, 1, 1, "VALID", "joint")
-        x = _leaky(self._bn(x, train, "joint_bn"))
-        return self._conv(x, train, 1, 4, 1, "VALID", "logit").reshape(x.shape[0])
+        x = self._convolve(x, train, x.shape[-1] - self.text_dim, 1, 1, "VALID", "joint")
+        x = _leaky(self._normalise(x, train, "joint_bn"))
+        return self._convolve(x, train, 1, 4, 1, "VALID", "logit").reshape(x.shape[0])
 
 
 class GANINTCLS(nn.Module):
