@@ -107,6 +107,12 @@ def test_small_cnn_pool_matches_flax_max_pool_and_rejects_odd_sides():
     x = _images(2, 8)
     y = resnet._max_pool_2x2(x)
     np.testing.assert_array_equal(y, nn.max_pool(x, (2, 2), strides=(2, 2)))
+    # The gradient goes to one element of each window: the max, or one of tied maxima (a max
+    # reduction's g / count would be 0 / 0 when the compiler rounds x differently for the count).
+    grad = jax.grad(lambda x: jnp.sum(resnet._max_pool_2x2(x)))(x)
+    np.testing.assert_array_equal(grad, (x == jnp.repeat(jnp.repeat(y, 2, 1), 2, 2)).astype(jnp.float32))
+    tied = jax.grad(lambda x: jnp.sum(resnet._max_pool_2x2(x)))(jnp.ones((1, 4, 4, 1)))
+    np.testing.assert_array_equal(tied.reshape(2, 2, 2, 2).transpose(0, 2, 1, 3).reshape(4, 4).sum(1), [1, 1, 1, 1])
     model = resnet.SmallCNN(channels=(8, 16), output_dim=10)
     with np.testing.assert_raises_regex(ValueError, "divisible by 4"):
         jax.jit(model.init)(_key(0), _images(1, 10))

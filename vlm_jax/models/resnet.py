@@ -168,10 +168,16 @@ def _max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pool, stride 2, of [B, H, W, C] (H, W even) as a reshape and a max.
 
     The same values as nn.max_pool, but its gradient is an elementwise select instead of XLA's
-    select-and-scatter, which on the CPU made the pool cost as much as the convolutions.
+    select-and-scatter, which on the CPU made the pool cost as much as the convolutions. The select
+    is a one-hot of each window's argmax, so the gradient goes to exactly one element: the gradient
+    of a max reduction (g * [x == max] / count) divides by the number of elements equal to the max,
+    which is 0 (a NaN gradient) when the compiler computes x once for the max and again, rounded
+    differently, for the comparison (seen on the CPU at -O0).
     """
     b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    windows = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, h // 2, w // 2, c, 4)
+    pick = jnp.argmax(windows, axis=-1)[..., None] == jnp.arange(4)
+    return jnp.sum(jnp.where(pick, windows, 0), axis=-1)
 
 
 class SmallCNN(nn.Module):
