@@ -50,7 +50,10 @@ def compile_cache(tmp_path_factory):
 
 def _env(cache=None, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_JAX_")}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    # Two devices per process; the optimisation level the suite compiles at (tests/conftest.py), if any.
+    opt = [f for f in os.environ.get("XLA_FLAGS", "").split() if f.startswith("--xla_backend_optimization_level")]
+    flags = " ".join(["--xla_force_host_platform_device_count=2", *opt])
+    env.update(XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     if cache:
         env.update(
             JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
