@@ -51,7 +51,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             dict(
                 name="gan_int_cls", text_encoder="clip", text=clip.model.text.to_dict(),
                 embed_dim=clip.model.embed_dim, image_size=size, ngf=32, ndf=32, text_dim=128, z_dim=100,
-                d_norm="batch",
+                # Not in the paper (see the README): a spectrally normalised discriminator with a
+                # projection term, and generator batch norms whose scale and shift read the text.
+                d_norm="spectral", d_projection=True, g_text_bn=True,
             )
         )
         config.data.image_size = size
@@ -77,7 +79,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.model = ml_collections.ConfigDict(
             dict(
                 name="gan_int_cls", text_encoder="clip", embed_dim=512, image_size=64, ngf=128, ndf=64,
-                text_dim=128, z_dim=100, d_norm="batch",
+                text_dim=128, z_dim=100, d_norm="batch", d_projection=False, g_text_bn=False,
                 text=dict(context_length=77, width=512, depth=12, heads=8, mlp_ratio=4.0, vocab_size=49408,
                           act="quick_gelu", ln_eps=1e-5, pad_id=0, eos_id=49407),
             )

@@ -17,6 +17,12 @@ first) down to 4x4; the embedding compressed by a dense layer to `text_dim` + Le
 the 4x4 map and concatenated; a 1x1 convolution with batch norm and LeakyReLU; a 4x4 valid
 convolution to one real/fake logit [B].
 
+Options not in the paper (configs/gan_int_cls.py:tiny turns all three on; the README measures
+them): the discriminator's norm "spectral" (layers.spectral_norm, in place of its batch norms), a
+projection term in its logit (Miyato & Koyama 2018: + <W h, the last features summed over the
+map>), and generator batch norms whose scale and shift are read from the text (`TextBatchNorm`,
+as BigGAN's conditional batch norm), so the text reaches every resolution of the generator.
+
 Param tree: text/..., text_projection/kernel, generator/..., discriminator/...; batch norm
 statistics in the "batch_stats" collection (generator/... and discriminator/...).
 """
@@ -71,6 +77,24 @@ def _leaky(x: jax.Array) -> jax.Array:
     return nn.leaky_relu(x, 0.2)
 
 
+class TextBatchNorm(nn.Module):
+    """Batch norm whose scale and shift are read from the text (conditional batch norm, as in
+    BigGAN; not in the paper): x [B, H, W, C] normalised, then * (1 + dense(h)) + dense(h), the
+    dense layers zero-initialised, so it starts as a plain batch norm without scale and shift."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, h: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, use_scale=False,
+                         use_bias=False, name="bn")(x)
+        zeros = nn.initializers.zeros
+        gain = dense(c, ("embed", "mlp"), kernel_init=zeros, name="gain")(h)
+        shift = dense(c, ("embed", "mlp"), kernel_init=zeros, name="shift")(h)
+        return x * (1.0 + gain[:, None, None, :]) + shift[:, None, None, :]
+
+
 class Generator(nn.Module):
     """(z [B, z_dim], text embedding [B, E]) -> images [B, S, S, 3] in the data normalisation."""
 
@@ -79,19 +103,24 @@ class Generator(nn.Module):
     text_dim: int = 128
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    text_bn: bool = False
 
     @nn.compact
     def __call__(self, z: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
         n = _num_stages(self.image_size)
         h = _leaky(dense(self.text_dim, ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="text_dense")(embedding))
         x = jnp.concatenate([z.astype(jnp.float32), h], axis=-1)
+
+        def norm(x: jax.Array, name: str) -> jax.Array:
+            return TextBatchNorm(train, name=name)(x, h) if self.text_bn else _bn(train, name)(x)
+
         channels = self.ngf * 2 ** (n - 1)
         x = dense(16 * channels, ("embed", "mlp"), use_bias=False, kernel_init=_DCGAN_INIT, name="project")(x)
-        x = nn.relu(_bn(train, "project_bn")(x.reshape(x.shape[0], 4, 4, channels)))
+        x = nn.relu(norm(x.reshape(x.shape[0], 4, 4, channels), "project_bn"))
         for i in range(n - 1):
             channels //= 2
             x = _conv(channels, 4, 2, "SAME", f"deconv_{i}", transpose=True)(x)
-            x = nn.relu(_bn(train, f"deconv_{i}_bn")(x))
+            x = nn.relu(norm(x, f"deconv_{i}_bn"))
         x = jnp.tanh(_conv(3, 4, 2, "SAME", f"deconv_{n - 1}", transpose=True)(x))
         mean, std = jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
         return ((x + 1.0) / 2.0 - mean) / std
@@ -103,12 +132,17 @@ class Discriminator(nn.Module):
     norm "batch" is the paper's (batch norm after every convolution but the first and the
     last); "spectral" (Miyato et al. 2018, not in the paper) divides every convolution's kernel
     by its largest singular value instead (layers.spectral_norm; the text's dense layer stays as
-    it is) and drops the batch norms."""
+    it is) and drops the batch norms.
+
+    projection=True (Miyato & Koyama 2018, not in the paper) adds to the logit the inner product of
+    the last 4x4 features, summed over the map, with a linear map of the text embedding: the text
+    then reaches the logit directly, not only through the joint convolution."""
 
     image_size: int = 64
     ndf: int = 64
     text_dim: int = 128
     norm: str = "batch"
+    projection: bool = False
 
     def _convolve(self, x: jax.Array, train: bool, features: int, kernel: int, stride: int, padding: Any,
               name: str) -> jax.Array:
@@ -130,12 +164,17 @@ class Discriminator(nn.Module):
             if i > 0:
                 x = self._normalise(x, train, f"conv_{i}_bn")
             x = _leaky(x)
+        image_features = jnp.sum(x, axis=(1, 2))  # [B, C]
         h = _leaky(dense(self.text_dim, ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="text_dense")(embedding))
         tiled = jnp.broadcast_to(h[:, None, None, :], x.shape[:3] + (self.text_dim,))
         x = jnp.concatenate([x, tiled], axis=-1)
         x = self._convolve(x, train, x.shape[-1] - self.text_dim, 1, 1, "VALID", "joint")
         x = _leaky(self._normalise(x, train, "joint_bn"))
-        return self._convolve(x, train, 1, 4, 1, "VALID", "logit").reshape(x.shape[0])
+        logits = self._convolve(x, train, 1, 4, 1, "VALID", "logit").reshape(x.shape[0])
+        if self.projection:
+            w = dense(image_features.shape[-1], ("embed", "mlp"), kernel_init=_DCGAN_INIT, name="projection")
+            logits = logits + jnp.sum(w(embedding) * image_features, axis=-1)
+        return logits
 
 
 class GANINTCLS(nn.Module):
@@ -191,9 +230,11 @@ def from_config(cfg: ml_collections.ConfigDict) -> GANINTCLS:
         generator=Generator(
             image_size=size, ngf=int(cfg.ngf), text_dim=int(cfg.text_dim),
             mean=tuple(cfg.get("mean", (0.5,) * 3)), std=tuple(cfg.get("std", (0.5,) * 3)),
+            text_bn=bool(cfg.get("g_text_bn", False)),
         ),
         discriminator=Discriminator(image_size=size, ndf=int(cfg.ndf), text_dim=int(cfg.text_dim),
-                                    norm=str(cfg.get("d_norm", "batch"))),
+                                    norm=str(cfg.get("d_norm", "batch")),
+                                    projection=bool(cfg.get("d_projection", False))),
         embed_dim=int(cfg.embed_dim),
         z_dim=int(cfg.z_dim),
     )
