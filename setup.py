@@ -27,8 +27,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # Parity tests compare against Hugging Face transformers on PyTorch (CPU build).
-        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5,<6"],
+        # Parity tests compare against Hugging Face transformers and diffusers on PyTorch (CPU build).
+        "test": ["pytest>=8", "pytest-xdist>=3", "torch==2.13.0", "transformers>=5,<6", "diffusers>=0.30"],
         "torch": ["torch==2.13.0", "transformers>=5,<6"],
     },
     entry_points={"console_scripts": ["vlm-jax=vlm_jax.cli:main"]},
