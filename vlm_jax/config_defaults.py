@@ -121,6 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
             # source's subtree of the other name (e.g. 'encoder:image': a CLIP run's image tower
             # as a captioner's encoder); '' loads every param.
             init_from_map="",
+            # More sources, each 'SOURCE=ours:theirs,...' (SOURCE a run's workdir, or in a run of
+            # stages 'stage:<name>'), loaded after init_from: e.g. a DALL-E transformer takes its
+            # tokenizer from init_from and a CLIP's text tower from 'stage:clip'.
+            init_also=(),
         )
     )
     config.mesh, config.sharding_rules = default_mesh_and_rules()

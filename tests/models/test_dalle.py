@@ -167,6 +167,44 @@ def test_code_features_read_the_tokenizer_codebook_in_and_out():
         np.testing.assert_allclose(got[:, 0], full[:, 6 + r, 56:], atol=1e-5)
 
 
+_CLIP_TEXT = dict(vocab_size=50, context_length=6, width=16, depth=1, heads=2, mlp_ratio=2.0, eos_id=3)
+
+
+def test_text_condition_reads_a_frozen_clip_tower_and_the_cache_keeps_it():
+    """model.text_condition "clip": condition_in(the CLIP tower's scaled embedding of the caption)
+    joins every position's input; the tower gets no gradient; the prompt's decoding call computes
+    the condition and the image tokens' calls read it from the cache."""
+    model = _model(text_condition="clip", clip_text=_CLIP_TEXT, clip_embed_dim=8)
+    images, tokens = _inputs()
+    variables = _init(model, images, tokens)
+    params = variables["params"]
+    assert {"clip_text", "clip_projection", "condition_in"} <= set(params)
+    apply = jax.jit(model.apply)
+    out = apply(variables, images, tokens)
+    full, ids, codes = out["logits"], out["ids"], out["codes"]
+    # Zeroing condition_in removes the condition; the tower then matters no more.
+    zero = {**params, "condition_in": jax.tree.map(jnp.zeros_like, params["condition_in"])}
+    assert not np.allclose(apply({**variables, "params": zero}, images, tokens)["logits"], full, atol=1e-4)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, images, tokens)["logits"])))(params)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["clip_text"]))
+    assert any(np.any(np.asarray(g)) for g in jax.tree.leaves(grads["condition_in"]))
+    decoder = model.make_decoder(guidance=2.0)
+    step = jax.jit(decoder.step)
+    cache = decoder.init_cache(variables, 2)
+    got, cache = step(variables, cache, ids[:, :6], jnp.broadcast_to(jnp.arange(6)[None], (2, 6)), jnp.ones((2, 6), bool))
+    for r in range(3):
+        got, cache = step(variables, cache, codes[:, r : r + 1], jnp.full((2, 1), 6 + r), jnp.ones((2, 1), bool))
+    # Guided: the conditional half equals the full forward, the unconditional half the empty caption's.
+    # (The unconditional stream: an all-pads prompt, then the same codes.)
+    empty = jnp.zeros_like(tokens)
+    blank_ids = jnp.concatenate([model.apply(variables, empty, method=model.text_ids), ids[:, 6:]], axis=1)
+    uncond = jax.jit(functools.partial(model.apply, method=model.logits))(variables, blank_ids)[:, 8, 56:]
+    cond = full[:, 8, 56:]
+    np.testing.assert_allclose(got[:, 0], uncond + 2.0 * (cond - uncond), atol=1e-4)
+    with pytest.raises(ValueError, match="text_condition"):
+        _init(_model(text_condition="clip"), images, tokens)
+
+
 def test_loss_is_an_eighth_text_and_seven_eighths_image_cross_entropy():
     # Hand-made stream: text_len 3, 2 image tokens, text ids < 4 (image_offset 4), codes 0..1.
     ids = jnp.array([[1, 2, 3, 4, 5]])
@@ -268,19 +306,26 @@ def test_classifier_free_guidance_mixes_the_empty_text_stream():
 
 
 def _staged(world_cache):
-    """configs/dalle.py:tiny's tokenizer and transformer stages, a few steps of narrow models on the
-    small world (the CLIP stage, the evaluator's judge, is left to the slow test)."""
-    config = config_lib.load("configs/dalle.py:tiny", {
+    """configs/dalle.py:tiny_clip_text's three stages (tiny's, and the transformer also reads the
+    CLIP stage's text tower), a few steps of narrow models on the small world (the evaluator, the
+    CLIP's other use, is left to the slow test)."""
+    config = config_lib.load("configs/dalle.py:tiny_clip_text", {
         "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
         "data.batch_size": 8, "train.log_every": 1, "train.progress": False, "train.async_checkpoints": False,
-        "train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 1000, "stages.order": "tokenizer,transformer",
+        "train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 1000,
         "model.width": 32, "model.depth": 2, "model.heads": 2, "model.head_dim": 16,
         "model.tokenizer.hidden": 8, "model.tokenizer.embed_dim": 16, "model.tokenizer.num_codes": 32,
+        "model.clip_text.width": 16, "model.clip_text.depth": 1, "model.clip_text.heads": 2, "model.clip_embed_dim": 16,
+        "stages.clip.train.steps": 2, "stages.clip.train.eval_every": 0, "stages.clip.train.ckpt_every": 1000,
     })
     with config.unlocked():
         config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
         config.evals = ml_collections.ConfigDict()
         small = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
+        config.stages.clip.update(small(
+            data=small(batch_size=16), evals=small(val=small(num_examples=16)),
+            model=small(embed_dim=16, text=small(width=16, depth=1, heads=2),
+                        image=small(channels=(8, 16, 16), pool="mean"))))
         config.stages.tokenizer.update(small(
             data=small(batch_size=8), evals=small(val=small(num_examples=8, batch_size=8)),
             model=small(hidden=8, embed_dim=16, num_codes=32), train=small(steps=2, eval_every=0, ckpt_every=1000)))
@@ -288,7 +333,8 @@ def _staged(world_cache):
 
 
 def test_stages_train_the_tokenizer_then_the_transformer_on_it(world_cache, tmp_path):
-    """The smoke test of test_tiny_dalle_learns_to_draw_the_prompt (-m slow), less its CLIP stage."""
+    """The smoke test of test_tiny_dalle_learns_to_draw_the_prompt (-m slow): tiny's three stages,
+    run as tiny_clip_text (which adds the CLIP text condition) so that one smoke covers both."""
     from PIL import Image
 
     from vlm_jax import cli
@@ -296,7 +342,7 @@ def test_stages_train_the_tokenizer_then_the_transformer_on_it(world_cache, tmp_
 
     run = str(tmp_path / "run")
     summaries = stages.train_stages(_staged(world_cache), run, devices=jax.devices()[:1])
-    assert [(n, s["finished"]) for n, s in summaries] == [("tokenizer", True), ("transformer", True)]
+    assert [(n, s["finished"]) for n, s in summaries] == [("clip", True), ("tokenizer", True), ("transformer", True)]
     # The tokenizer arrives whole (params and the VQ codebook's EMA statistics) and stays frozen.
     read = lambda stage, step: ocp.StandardCheckpointer().restore(f"{run}/{stage}/checkpoints/{step}/state")  # noqa: E731
     tok, trans = read("tokenizer", 2), read("transformer", 2)
@@ -308,6 +354,12 @@ def test_stages_train_the_tokenizer_then_the_transformer_on_it(world_cache, tmp_
     _, model, variables, _ = load_for_sampling(f"{run}/transformer")
     for x, y in zip(jax.tree.leaves(tok["params"]), jax.tree.leaves(variables["params"]["tokenizer"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The text condition's tower is the CLIP stage's (train.init_also "stage:clip=..."), frozen.
+    clip = read("clip", 2)["params"]
+    assert "clip_text" not in trans["params"] and "condition_in" in trans["params"]
+    for ours, theirs in (("clip_text", "text"), ("clip_projection", "text_projection")):
+        for x, y in zip(jax.tree.leaves(clip[theirs]), jax.tree.leaves(variables["params"][ours])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # vlm-jax sample on the run of stages: a row per prompt.
     grid = tmp_path / "grid.png"
     assert cli.main(["sample", "--workdir", run, "--prompt", "a red circle.", "a blue square.", "-n", "2",

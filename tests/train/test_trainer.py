@@ -205,3 +205,24 @@ def test_stage_with_its_own_config_shares_data_and_maps_params(name, tmp_path):
         config.train.init_from_map = "encoder"
     with pytest.raises(ValueError, match="ours:theirs"):
         init_from_map(config)
+
+
+def test_init_also_entries_and_stage_references():
+    import ml_collections
+
+    from vlm_jax import config as config_lib
+    from vlm_jax.train import stages, trainer
+
+    def parsed(*entries):
+        return trainer.init_also(ml_collections.ConfigDict(dict(train=dict(init_also=entries))))
+
+    assert parsed("/runs/clip=clip_text:text, clip_projection:text_projection") == [
+        ("/runs/clip", {"clip_text": "text", "clip_projection": "text_projection"})]
+    with pytest.raises(ValueError, match="SOURCE=ours:theirs"):
+        parsed("/runs/clip")
+    with pytest.raises(ValueError, match="only a run of stages"):
+        parsed("stage:clip=clip_text:text")
+    # In a run of stages, 'stage:<name>' is that earlier stage's folder; a later or unknown one is an error.
+    assert stages._resolve_stage_refs(("stage:clip=a:b", "/x=c:d"), "/run", ["clip"]) == ("/run/clip=a:b", "/x=c:d")
+    with pytest.raises(config_lib.ConfigError, match="not an earlier stage"):
+        stages._resolve_stage_refs(("stage:tokenizer=a:b",), "/run", ["clip"])

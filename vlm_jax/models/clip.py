@@ -30,6 +30,16 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
 
 
+def frozen_text_embedding(tower: nn.Module, projection: nn.Module, tokens: jax.Array) -> jax.Array:
+    """A frozen CLIP text tower as a generator's condition: tokens int [B, L] -> the CLIP text
+    embedding [B, E] (tower's pooled output, projected, L2-normalised) scaled to norm sqrt(E), with
+    no gradient. (At unit norm its entries, about 1/sqrt(E), would reach a generator's N(0, 0.02)
+    dense layers some 30x weaker than a unit-variance input beside them.) The GAN and DALL-E's
+    text condition read their CLIP stage's tower through this."""
+    unit = l2_normalize(projection(tower(tokens)["pooled"]))
+    return jax.lax.stop_gradient(unit * jnp.sqrt(jnp.float32(unit.shape[-1])))
+
+
 class CLIP(nn.Module):
     """(images [B, H, W, C], tokens int [B, L]) -> unit embeddings [B, E] + logit scale/bias."""
 

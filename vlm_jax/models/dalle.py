@@ -27,10 +27,18 @@ head columns (logits code_out(x) . vectors + code_bias). Codes that look alike t
 and score alike: the aim is that a colour learned on the codes of some shapes carries to the codes
 of a shape never seen in that colour (the world's held-out pairs; measured in the README).
 
+text_condition "clip" (not in the paper; "none" for the 12B): the caption also enters through a
+frozen CLIP text tower (its CLIP stage's, loaded by train.init_also): condition_in(its scaled
+embedding, models.clip.frozen_text_embedding) is added to every position's input. The CLIP's
+embedding space already composes colours and shapes it has seen apart (its zero-shot accuracy on
+the world's held-out pairs is 0.97), which the stream's own text embeddings must learn from the
+pairs the images show.
+
 Params: tokenizer/... (the DVAE, frozen by the task's config), embed/embedding [V, E],
 text_pos [text_len, E], row_pos / col_pos [grid, E], transformer/layers_i/{ln1, attn/{query, key, value
 [E, H, D] + bias, out [H, D, E] + bias}, ln2, mlp/{fc1, fc2}}, final_norm, head/kernel [E, V]
-(and with code_features code_in/kernel [e, E], code_out/kernel [E, e]; "only": code_bias [K]).
+(and with code_features code_in/kernel [e, E], code_out/kernel [E, e]; "only": code_bias [K]; with
+text_condition "clip" clip_text/... and clip_projection/kernel (frozen), condition_in/kernel [E', E]).
 
 Decoding (`make_decoder()`, for vlm_jax.sampling): a KV cache per layer with each slot's stream
 position, masked by the same DalleMask predicate on positions; prompts are always text_len long
@@ -40,9 +48,8 @@ image codes' only (top-k / top-p then act over image tokens alone).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -57,11 +64,17 @@ from vlm_jax.layers.mlp import Mlp
 from vlm_jax.layers.norms import LayerNorm
 from vlm_jax.layers.transformer import REMAT_POLICIES
 from vlm_jax.models import dvae
+from vlm_jax.models import text as text_tower
+from vlm_jax.models.clip import frozen_text_embedding
+
+if TYPE_CHECKING:
+    from vlm_jax.models.dalle_decoder import DalleDecoder
 
 _ACT_AXES = ("batch", "length", "embed")
 
 
 CODE_FEATURES = ("none", "add", "only")
+TEXT_CONDITIONS = ("none", "clip")
 
 
 def layer_masks(depth: int, pattern: str = "dalle") -> tuple[str, ...]:
@@ -212,6 +225,21 @@ class Stack(nn.Module):
         return x
 
 
+class _KeptCondition(nn.Module):
+    """The decoding cache's copy of the text condition [B, E]: stored by the prompt's call (value
+    given), read back by the image tokens' calls (value None)."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, value: jax.Array | None, batch: int) -> jax.Array:
+        kept = self.variable("cache", "condition", jnp.zeros, (batch, self.width), self.dtype)
+        if value is not None and not self.is_initializing():
+            kept.value = value
+        return kept.value
+
+
 class Dalle(nn.Module):
     """The DALL-E transformer with its (frozen) image tokenizer; see the module docstring."""
 
@@ -232,6 +260,9 @@ class Dalle(nn.Module):
     scan_layers: bool = False  # one nn.scan over the layers (Stack)
     attn_impl: str = "auto"
     code_features: str = "none"  # "none" | "add" | "only" (the module docstring)
+    text_condition: str = "none"  # "none" | "clip" (the module docstring)
+    clip_text: Any = None  # text_condition "clip": a CLIP text tower (models.text), frozen
+    clip_embed_dim: int = 0  # ... and its CLIP's embedding width
 
     @property
     def num_codes(self) -> int:
@@ -272,6 +303,17 @@ class Dalle(nn.Module):
         self.final_norm = LayerNorm(1e-5, self.dtype, name="final_norm")
         self.head = DenseGeneral((self.vocab_size,), (-1,), ("embed", "vocab"), use_bias=False,
                                  dtype=self.dtype, name="head")
+        if self.text_condition not in TEXT_CONDITIONS:
+            raise ValueError(f"dalle: text_condition {self.text_condition!r}: choose one of {TEXT_CONDITIONS}")
+        if self.text_condition == "clip":
+            if self.clip_text is None or self.clip_embed_dim < 1:
+                raise ValueError("dalle: text_condition 'clip' needs model.clip_text (a CLIP text tower's section) "
+                                 "and model.clip_embed_dim")
+            self.clip_projection = DenseGeneral((self.clip_embed_dim,), (-1,), ("embed", "mlp"), use_bias=False,
+                                                dtype=jnp.float32, name="clip_projection")
+            self.condition_in = DenseGeneral((self.width,), (-1,), (None, "embed"), use_bias=False,
+                                             dtype=self.dtype, name="condition_in")
+            self.kept_condition = _KeptCondition(self.width, self.dtype)
         if self.code_features not in CODE_FEATURES:
             raise ValueError(f"dalle: code_features {self.code_features!r}: choose one of {CODE_FEATURES}")
         if self.code_features == "only":
@@ -335,6 +377,19 @@ class Dalle(nn.Module):
         text = jnp.take(self.text_pos, jnp.minimum(positions, t - 1), axis=0)
         return jnp.where((positions < t)[..., None], text, image).astype(self.dtype)
 
+    def _text_condition(self, ids: jax.Array, decode: bool) -> jax.Array:
+        """condition_in(the frozen CLIP's embedding of the caption) [B, E], added to every position's
+        input. The caption is read back from the stream's text part (pads -> pad_id: a dropped
+        caption is the empty text); while decoding, the prompt's call computes it and the cache
+        keeps it for the image tokens' calls."""
+        b, t = ids.shape
+        cond = None
+        if not decode or t >= self.text_len:  # a whole stream, or the decoder's prompt
+            text = ids[:, : self.text_len]
+            tokens = jnp.where(text < self.text_vocab, text, self.pad_id)
+            cond = self.condition_in(frozen_text_embedding(self.clip_text, self.clip_projection, tokens).astype(self.dtype))
+        return self.kept_condition(cond, b) if decode else cond
+
     def logits(self, ids: jax.Array, positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
         """Stream ids int [B, T] at positions [B, T] (None: 0..T-1) -> logits f32 [B, T, vocab_size].
         Without decode T must be seq_len (the masks span the whole stream); with decode the caller
@@ -351,6 +406,8 @@ class Dalle(nn.Module):
             code = jnp.take(vectors, jnp.maximum(ids - self.image_offset, 0), axis=0)
             by_code = self.code_in(code.astype(self.dtype)).astype(x.dtype)
             x = jnp.where(is_code, by_code + (x if self.code_features == "add" else 0), x)
+        if self.text_condition == "clip":
+            x = x + self._text_condition(ids, decode)[:, None, :].astype(x.dtype)
         x = self.final_norm(self.transformer(x + self._positions_embedding(positions), positions, decode))
         logits = self.head(x)
         if self.code_features != "none":  # the image ids' logits read each code's vector
@@ -370,85 +427,13 @@ class Dalle(nn.Module):
         ids = jnp.concatenate([self.text_ids(tokens), self.image_ids(codes)], axis=1)
         return {"logits": self.logits(ids), "codes": codes, "ids": ids}
 
-    def make_decoder(self, guidance: float = 0.0, guidance_floor: float = 0.0) -> "DalleDecoder":
+    def make_decoder(self, guidance: float = 0.0, guidance_floor: float = 0.0) -> DalleDecoder:
         if guidance < 0 or not 0 <= guidance_floor < 1 or (guidance_floor > 0 and guidance == 0):
             raise ValueError(f"dalle: guidance {guidance} must be >= 0 and guidance_floor {guidance_floor} in "
                              "[0, 1), and a floor needs guidance > 0")
+        from vlm_jax.models.dalle_decoder import DalleDecoder
+
         return DalleDecoder(self, float(guidance), float(guidance_floor))
-
-
-def _variables(params: Any) -> dict:
-    """The decoder's `params`: the model's variables ({"params": ..., "vq_stats": ...}, which a
-    model with code_features needs: its tokenizer's codebook) or its params alone."""
-    return dict(params) if "params" in params else {"params": params}
-
-
-@dataclasses.dataclass(frozen=True)
-class DalleDecoder:
-    """vlm_jax.sampling's Decoder for a Dalle: prompts are text stream ids (text_len of them), the
-    tokens fed back are image codes, the logits are the image codes' [B, T, K]. Its `params` are
-    the model's variables (or its params alone, without code_features).
-
-    guidance s > 0: classifier-free guidance for an autoregressive model (as Make-A-Scene and Parti
-    sample): every row also runs unconditioned, its text all pads (the stream a model trained with
-    task.text_drop saw for a dropped caption), in a second half of the cache, and the logits are
-    l_uncond + s * (l_cond - l_uncond); both halves are fed the same sampled codes. s = 1 is the
-    conditional model; 0 turns guidance off (one half, no extra compute). guidance_floor a in (0, 1):
-    only codes the conditional model finds plausible, p_cond >= a * max p_cond, stay drawable (the
-    plausibility constraint of contrastive decoding, Li et al. 2022): strong guidance then sharpens
-    the choice among those without breaking the image with codes the model would never draw."""
-
-    model: Dalle
-    guidance: float = 0.0
-    guidance_floor: float = 0.0
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance > 0
-
-    @property
-    def max_len(self) -> int:
-        return self.model.seq_len
-
-    def init_cache(self, params: Any, batch_size: int, context: Any = None) -> Any:
-        del params, context
-        m = self.model
-        ids = jnp.zeros((batch_size * (2 if self.guided else 1), 1), jnp.int32)
-        shapes = jax.eval_shape(lambda: m.init(jax.random.key(0), ids, decode=True, method=m.logits))["cache"]
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: jnp.full_like(x, -1) if path[-1].key == "cached_position" else x, cache
-        )
-
-    def step(self, params, cache, tokens, positions, valid):
-        m = self.model
-        ids = jnp.where(positions >= m.text_len, m.image_offset + tokens, tokens)
-        positions = jnp.where(valid, positions, -1)
-        if self.guided:  # the unconditioned half: every text position its own pad id
-            ids = jnp.concatenate([ids, jnp.where(positions < m.text_len, m.text_vocab + positions, ids)], axis=0)
-            positions = jnp.concatenate([positions, positions], axis=0)
-        logits, variables = m.apply({**_variables(params), "cache": cache}, ids, positions, decode=True,
-                                    method=m.logits, mutable=["cache"])
-        logits = logits[..., m.image_offset:]
-        if self.guided:
-            cond, uncond = jnp.split(logits, 2, axis=0)
-            logits = uncond + self.guidance * (cond - uncond)
-            if self.guidance_floor > 0:
-                logp = jax.nn.log_softmax(cond, axis=-1)
-                plausible = logp >= jnp.max(logp, axis=-1, keepdims=True) + jnp.log(self.guidance_floor)
-                logits = jnp.where(plausible, logits, -jnp.inf)
-        return logits, variables["cache"]
-
-    def select(self, cache: Any, rows: jax.Array) -> Any:
-        def gather(path, x):
-            if path[-1].key == "cache_index":
-                return x
-            axis = 1 if any(getattr(k, "key", None) == "layers" for k in path) else 0  # scanned: [groups, B, ...]
-            if self.guided:  # the same rows of both halves
-                return jnp.take(x, jnp.concatenate([rows, rows + x.shape[axis] // 2]), axis=axis)
-            return jnp.take(x, rows, axis=axis)
-
-        return jax.tree_util.tree_map_with_path(gather, cache)
 
 
 def from_config(cfg: ml_collections.ConfigDict) -> Dalle:
@@ -475,4 +460,7 @@ def from_config(cfg: ml_collections.ConfigDict) -> Dalle:
         scan_layers=bool(cfg.get("scan_layers", False)),
         attn_impl=str(cfg.get("attn_impl", "auto")),
         code_features=str(cfg.get("code_features", "none")),
+        text_condition=str(cfg.get("text_condition", "none")),
+        clip_text=text_tower.tower_from_config(cfg.clip_text) if cfg.get("clip_text") else None,
+        clip_embed_dim=int(cfg.get("clip_embed_dim", 0)),
     )

@@ -40,7 +40,7 @@ import ml_collections
 from vlm_jax.layers.linear import dense
 from vlm_jax.layers.spectral_norm import SpectralConv
 from vlm_jax.models import text as text_tower
-from vlm_jax.models.clip import l2_normalize
+from vlm_jax.models.clip import frozen_text_embedding
 
 _CONV_AXES = (None, None, "conv_in", "conv_out")
 _DCGAN_INIT = nn.initializers.normal(0.02)  # the DCGAN paper's N(0, 0.02) weights
@@ -191,11 +191,8 @@ class GANINTCLS(nn.Module):
 
     def embed_text(self, tokens: jax.Array) -> jax.Array:
         """tokens int [B, L] -> the CLIP text embedding [B, E] scaled to norm sqrt(E), without
-        gradient. (At unit norm its entries, about 1/sqrt(E), would reach the players' N(0, 0.02)
-        dense layers some 30x weaker than the unit-variance z beside them.)"""
-        pooled = self.text(tokens)["pooled"]
-        unit = l2_normalize(self.text_projection(pooled))
-        return jax.lax.stop_gradient(unit * jnp.sqrt(jnp.float32(self.embed_dim)))
+        gradient (models.clip.frozen_text_embedding)."""
+        return frozen_text_embedding(self.text, self.text_projection, tokens)
 
     def generate(self, z: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
         """z [B, z_dim], embedding [B, E] -> images [B, S, S, 3], data-normalised."""

@@ -92,6 +92,7 @@ def stage_config(
 
 
 STAGES_FILE = "stages.json"
+STAGE_REF = "stage:"  # train.init_also's name for another stage of the same run
 
 
 def last_stage_dir(workdir: str, config: ml_collections.ConfigDict | None = None) -> str | None:
@@ -105,6 +106,22 @@ def last_stage_dir(workdir: str, config: ml_collections.ConfigDict | None = None
             order = list(json.load(f)["order"])
     started = [name for name in order if os.path.exists(os.path.join(workdir, name, "config.json"))]
     return os.path.join(workdir, started[-1]) if started else None
+
+
+def _resolve_stage_refs(entries: Any, workdir: str, done: list[str]) -> tuple[str, ...]:
+    """train.init_also entries 'stage:<name>=...' -> '<workdir>/<name>=...' (a stage of this run that
+    has already trained; anything else is an error)."""
+    out = []
+    for entry in entries:
+        entry = str(entry)
+        if entry.startswith(STAGE_REF):
+            name = entry[len(STAGE_REF):].partition("=")[0].strip()
+            if name not in done:
+                raise config_lib.ConfigError(
+                    f"train.init_also {entry!r}: stage {name!r} is not an earlier stage of this run {done}")
+            entry = os.path.join(workdir, entry[len(STAGE_REF):])
+        out.append(entry)
+    return tuple(out)
 
 
 def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs: Any) -> list[tuple[str, dict]]:
@@ -121,7 +138,11 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, **train_kwargs
     summaries, previous, text_tokenizer = [], None, None
     for name in stage_names(config):
         stage_dir = os.path.join(workdir, name)
-        summary = train(stage_config(config, name, previous, text_tokenizer), stage_dir, **train_kwargs)
+        stage = stage_config(config, name, previous, text_tokenizer)
+        if stage.train.get("init_also"):
+            earlier = stage_names(config)[: len(summaries)]
+            stage.train.init_also = _resolve_stage_refs(stage.train.init_also, workdir, earlier)
+        summary = train(stage, stage_dir, **train_kwargs)
         summaries.append((name, summary))
         if not summary.get("finished"):
             break  # preempted: the next run resumes this stage

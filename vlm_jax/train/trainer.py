@@ -157,7 +157,11 @@ def init_from_map(config: ml_collections.ConfigDict) -> dict[str, str]:
     """config.train.init_from_map 'ours:theirs,...' -> {ours: theirs} (top-level param names;
     theirs "." is the source's whole tree, e.g. 'tokenizer:.' puts a tokenizer run's params, and
     its model state, under our `tokenizer`)."""
-    spec = str(config.train.get("init_from_map", "") or "")
+    return parse_param_map(str(config.train.get("init_from_map", "") or ""))
+
+
+def parse_param_map(spec: str) -> dict[str, str]:
+    """'ours:theirs,...' -> {ours: theirs}."""
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         ours, sep, theirs = item.partition(":")
@@ -180,9 +184,35 @@ def _mapped(source: str, mapping: dict[str, str], abstract: Any, key: str = "par
     return out
 
 
+def init_also(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, str]]]:
+    """config.train.init_also ('SOURCE=ours:theirs,...', ...) -> [(source, {ours: theirs})]."""
+    out = []
+    for entry in config.train.get("init_also", ()) or ():
+        source, sep, spec = str(entry).partition("=")
+        if not sep or not source.strip() or not spec.strip():
+            raise ValueError(f"train.init_also entry {entry!r}: write 'SOURCE=ours:theirs,...'")
+        if source.strip().startswith("stage:"):
+            raise ValueError(f"train.init_also entry {entry!r} names a stage: only a run of stages "
+                             "(config.stages) resolves 'stage:<name>'; give a run's workdir instead")
+        out.append((source.strip(), parse_param_map(spec)))
+    return out
+
+
 def initial_params(config: ml_collections.ConfigDict, params: Any, abstract_params: Any) -> Any:
     """Fresh params, with those that config.train.init_from has (another run's latest checkpoint
-    or a converted model) loaded over them. LoRA adapters, which a base model lacks, stay fresh."""
+    or a converted model) loaded over them, then train.init_also's. LoRA adapters, which a base
+    model lacks, stay fresh."""
+    params = _initial_params(config, params, abstract_params)
+    for source, mapping in init_also(config):
+        missing = [ours for ours in mapping if ours not in abstract_params]
+        if missing:
+            raise ValueError(f"train.init_also {source}: names params the model lacks: {missing}")
+        params = {**params, **_mapped(source, mapping, abstract_params)}
+        log.info("initialised %s from %s", ", ".join(f"{o} <- {t}" for o, t in mapping.items()), source)
+    return params
+
+
+def _initial_params(config: ml_collections.ConfigDict, params: Any, abstract_params: Any) -> Any:
     source = str(config.train.get("init_from", "") or "")
     if not source:
         return params
