@@ -15,7 +15,7 @@ Drawing (`generate`, what the `generation` evaluator and `vlm-jax sample` call):
 stream is the prompt; grid**2 image codes are sampled through vlm_jax.sampling with the model's
 decoder (its logits are the image codes', so temperature / top_k / top_p from config.task act over
 image tokens only), then decoded by the tokenizer. guidance s > 0 samples with classifier-free
-guidance (models.dalle.DalleDecoder) from a model trained with text_drop > 0, guidance_floor its
+guidance (models.dalle_decoder.DalleDecoder) from a model trained with text_drop > 0, guidance_floor its
 plausibility constraint. Best-of-N reranking by a world CLIP is the
 evaluator's (`gen/rerank/...`) and `vlm-jax sample`'s.
 
