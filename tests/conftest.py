@@ -29,11 +29,13 @@ def pytest_configure(config):
     # The default suite's programs are tiny and compiled once or twice each: compiling is most of
     # its time. LLVM at -O0 compiles them about twice as fast (a 4-layer transformer's train step
     # 1.6 s against 3.3-5.5 s on the 2-core machine) and runs them a little slower; the values are
-    # the same IEEE arithmetic. Not for a run that selects the slow tests: those are long training
-    # runs, where the optimised code matters. Set here (before any backend starts) so that xdist's
-    # workers, which the main process starts after this hook, inherit it.
+    # the same IEEE arithmetic. Not for a run that selects the slow tests (long training runs, where
+    # the optimised code matters), nor off the CPU. Set here, before any backend starts, so that
+    # xdist's workers, which the main process starts after this hook, inherit it.
     expr = config.option.markexpr or ""
-    if ("slow" not in expr or "not slow" in expr) and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    cpu_only = os.environ.get("JAX_PLATFORMS", "") == "cpu"  # not for a run of the GPU / TPU tests
+    default_suite = "slow" not in expr or "not slow" in expr
+    if cpu_only and default_suite and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
         os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 
