@@ -53,9 +53,11 @@ def _num_stages(image_size: int) -> int:
     return int(n)
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
+def _bn(train: bool, name: str, affine: bool = True) -> nn.BatchNorm:
+    """The players' batch norm; affine=False: no scale and shift of its own (TextBatchNorm's)."""
     return nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, param_dtype=jnp.float32,
+        use_scale=affine, use_bias=affine,
         scale_init=nn.with_logical_partitioning(
             lambda k, s, d=jnp.float32: 1.0 + 0.02 * jax.random.normal(k, s, d), ("conv_out",)
         ),
@@ -87,8 +89,7 @@ class TextBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, h: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9, epsilon=1e-5, use_scale=False,
-                         use_bias=False, name="bn")(x)
+        x = _bn(self.train, "bn", affine=False)(x)
         zeros = nn.initializers.zeros
         gain = dense(c, ("embed", "mlp"), kernel_init=zeros, name="gain")(h)
         shift = dense(c, ("embed", "mlp"), kernel_init=zeros, name="shift")(h)
@@ -145,7 +146,7 @@ class Discriminator(nn.Module):
     projection: bool = False
 
     def _convolve(self, x: jax.Array, train: bool, features: int, kernel: int, stride: int, padding: Any,
-              name: str) -> jax.Array:
+                  name: str) -> jax.Array:
         if self.norm == "spectral":
             return SpectralConv(features, kernel, stride, padding, kernel_init=_DCGAN_INIT, name=name)(x, train)
         return _conv(features, kernel, stride, padding, name)(x)
