@@ -204,7 +204,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     else:
         raise ValueError(f"unknown dalle variant {arg!r}; choose one of {TOKENIZER_VARIANTS + TRANSFORMER_VARIANTS}")
     config.task = ml_collections.ConfigDict(
-        dict(name="dalle", text_loss_weight=1.0 / 8, text_drop=0.0, temperature=1.0, top_k=0, top_p=1.0,
+        dict(name="dalle", text_loss_weight=1.0 / 8, text_drop=0.0, word_drop=0.0, temperature=1.0, top_k=0, top_p=1.0,
              guidance=0.0, guidance_floor=0.0)
     )
     if arg in ("tiny", "tiny_clip_text"):

@@ -127,6 +127,22 @@ def test_cached_decoding_gives_the_full_forward_logits(scan):
     np.testing.assert_allclose(again, direct[::-1], atol=1e-6)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropout_acts_only_in_training_and_per_layer(scan):
+    """model.dropout: evaluation equals the model without it; training draws its masks from the dropout
+    rng (unrolled and scanned)."""
+    images, tokens = _inputs()
+    plain, dropping = _model(scan_layers=scan), _model(scan_layers=scan, dropout=0.3)
+    variables = _init(plain, images, tokens)
+    np.testing.assert_allclose(dropping.apply(variables, images, tokens)["logits"],
+                               plain.apply(variables, images, tokens)["logits"], atol=1e-6)
+    train = lambda seed: dropping.apply(variables, images, tokens, train=True,  # noqa: E731
+                                        rngs={"dropout": jax.random.key(seed)})["logits"]
+    assert np.abs(train(0) - plain.apply(variables, images, tokens)["logits"]).max() > 1e-3
+    np.testing.assert_array_equal(train(1), train(1))
+    assert np.abs(train(1) - train(2)).max() > 1e-3
+
+
 def test_code_features_read_the_tokenizer_codebook_in_and_out():
     """model.code_features: an image code's input is (adds, for "add") code_in(its standardised
     codebook vector), and the image ids' logits are (add) code_out(x) . vectors (+ code_bias); the
@@ -303,6 +319,18 @@ def test_classifier_free_guidance_mixes_the_empty_text_stream():
         ml_collections.ConfigDict(dict(task=dict(name="dalle", text_drop=drop))), {})[0]
     np.testing.assert_allclose(loss(1.0, batch), loss(0.0, {**batch, "tokens": jnp.zeros_like(tokens)}), rtol=1e-6)
     assert abs(float(loss(1.0, batch)) - float(loss(0.0, batch))) > 1e-4
+
+
+def test_word_drop_replaces_inner_pieces_only():
+    """task.word_drop: bos (first) and eos (last non-pad) stay, pads stay, inner pieces become pads."""
+    tokens = jnp.asarray([[2, 10, 11, 12, 3, 0, 0], [0] * 7, [2, 3, 0, 0, 0, 0, 0]], jnp.int32)
+    rng = jax.random.key(0)
+    np.testing.assert_array_equal(DALLE.drop_words(tokens, rng, 1.0, 0),
+                                  [[2, 0, 0, 0, 3, 0, 0], [0] * 7, [2, 3, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(DALLE.drop_words(tokens, rng, 0.0, 0), tokens)
+    many = jnp.tile(tokens[:1], (2000, 1))
+    dropped = np.asarray(DALLE.drop_words(many, rng, 0.25, 0))[:, 1:4] == 0
+    assert 0.22 < dropped.mean() < 0.28 and dropped.all(axis=1).mean() < 0.05  # independent pieces
 
 
 def _staged(world_cache):

@@ -160,7 +160,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """x + drop(attn(ln1(x))), then x + drop(mlp(ln2(x)))."""
 
     num_heads: int
     head_dim: int
@@ -169,6 +169,8 @@ class Block(nn.Module):
     decode: bool = False
     dtype: Any = jnp.float32
     impl: str = "auto"
+    dropout: float = 0.0
+    deterministic: bool = True
     # Under nn.scan the body maps (x, positions, kind) -> (x, None); kind is the scanned input.
     scanned: bool = False
 
@@ -176,10 +178,11 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, positions: jax.Array | None, kind: jax.Array | None = None) -> Any:
         x = nn.with_logical_constraint(x, _ACT_AXES)
         y = LayerNorm(1e-5, self.dtype, name="ln1")(x)
-        x = x + Attention(self.num_heads, self.head_dim, self.masks, self.decode, self.dtype, self.impl,
-                          name="attn")(y, positions, kind)
+        drop = nn.Dropout(self.dropout, deterministic=self.deterministic)
+        x = x + drop(Attention(self.num_heads, self.head_dim, self.masks, self.decode, self.dtype, self.impl,
+                               name="attn")(y, positions, kind))
         y = LayerNorm(1e-5, self.dtype, name="ln2")(x)
-        x = x + Mlp(self.mlp_dim, "gelu", self.dtype, name="mlp")(y)
+        x = x + drop(Mlp(self.mlp_dim, "gelu", self.dtype, name="mlp")(y))
         x = nn.with_logical_constraint(x, _ACT_AXES)
         return (x, None) if self.scanned else x
 
@@ -201,13 +204,14 @@ class Stack(nn.Module):
     remat: str = "none"
     impl: str = "auto"
     scan_layers: bool = False
+    dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, decode: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, decode: bool = False, train: bool = False) -> jax.Array:
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r}: choose none, {', '.join(REMAT_POLICIES)}")
         common = dict(num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, decode=decode,
-                      dtype=self.dtype, impl=self.impl)
+                      dtype=self.dtype, impl=self.impl, dropout=self.dropout, deterministic=not train)
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
@@ -218,7 +222,7 @@ class Stack(nn.Module):
         distinct = tuple(dict.fromkeys(self.masks))
         kinds = jnp.asarray([distinct.index(m) for m in self.masks], jnp.int32)
         stack = nn.scan(
-            block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+            block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, 0), length=len(self.masks), metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x, _ = stack(masks=distinct, **common, scanned=True, name="layers")(x, positions, kinds)
@@ -263,6 +267,7 @@ class Dalle(nn.Module):
     text_condition: str = "none"  # "none" | "clip" (the module docstring)
     clip_text: Any = None  # text_condition "clip": a CLIP text tower (models.text), frozen
     clip_embed_dim: int = 0  # ... and its CLIP's embedding width
+    dropout: float = 0.0  # on the input embeddings and each block's two residual branches, in training
 
     @property
     def num_codes(self) -> int:
@@ -298,8 +303,9 @@ class Dalle(nn.Module):
         self.transformer = Stack(
             self.masks(), self.heads, self.head_dim or self.width // self.heads,
             int(round(self.mlp_ratio * self.width)), self.dtype, self.remat, self.attn_impl, self.scan_layers,
-            name="transformer",
+            self.dropout, name="transformer",
         )
+        self.input_dropout = nn.Dropout(self.dropout)
         self.final_norm = LayerNorm(1e-5, self.dtype, name="final_norm")
         self.head = DenseGeneral((self.vocab_size,), (-1,), ("embed", "vocab"), use_bias=False,
                                  dtype=self.dtype, name="head")
@@ -390,7 +396,8 @@ class Dalle(nn.Module):
             cond = self.condition_in(frozen_text_embedding(self.clip_text, self.clip_projection, tokens).astype(self.dtype))
         return self.kept_condition(cond, b) if decode else cond
 
-    def logits(self, ids: jax.Array, positions: jax.Array | None = None, decode: bool = False) -> jax.Array:
+    def logits(self, ids: jax.Array, positions: jax.Array | None = None, decode: bool = False,
+               train: bool = False) -> jax.Array:
         """Stream ids int [B, T] at positions [B, T] (None: 0..T-1) -> logits f32 [B, T, vocab_size].
         Without decode T must be seq_len (the masks span the whole stream); with decode the caller
         passes each token's position (-1: padding, never attended)."""
@@ -408,7 +415,8 @@ class Dalle(nn.Module):
             x = jnp.where(is_code, by_code + (x if self.code_features == "add" else 0), x)
         if self.text_condition == "clip":
             x = x + self._text_condition(ids, decode)[:, None, :].astype(x.dtype)
-        x = self.final_norm(self.transformer(x + self._positions_embedding(positions), positions, decode))
+        x = self.input_dropout(x + self._positions_embedding(positions), deterministic=not train)
+        x = self.final_norm(self.transformer(x, positions, decode, train))
         logits = self.head(x)
         if self.code_features != "none":  # the image ids' logits read each code's vector
             shared = jnp.einsum("bte,ke->btk", self.code_out(x), vectors.astype(self.dtype)).astype(logits.dtype)
@@ -421,11 +429,10 @@ class Dalle(nn.Module):
     def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False) -> dict[str, jax.Array]:
         """images [B, S, S, 3], tokens [B, L] -> {"logits" f32 [B, seq_len, vocab_size], "codes"
         int32 [B, grid**2] (the tokenizer's, no gradient), "ids" int32 [B, seq_len] (the stream)}.
-        `train` is the trainer's common argument (no dropout here)."""
-        del train
+        `train` turns on model.dropout."""
         codes = jax.lax.stop_gradient(self.encode_images(images))
         ids = jnp.concatenate([self.text_ids(tokens), self.image_ids(codes)], axis=1)
-        return {"logits": self.logits(ids), "codes": codes, "ids": ids}
+        return {"logits": self.logits(ids, train=train), "codes": codes, "ids": ids}
 
     def make_decoder(self, guidance: float = 0.0, guidance_floor: float = 0.0) -> DalleDecoder:
         if guidance < 0 or not 0 <= guidance_floor < 1 or (guidance_floor > 0 and guidance == 0):
@@ -438,8 +445,8 @@ class Dalle(nn.Module):
 
 def from_config(cfg: ml_collections.ConfigDict) -> Dalle:
     """Dalle from a model section: text_vocab, text_len, grid, width, depth, heads, head_dim,
-    mlp_ratio, mask_pattern, conv_kernel, pad_id, dtype, remat, scan_layers, attn_impl, and `tokenizer` (a dvae
-    model section)."""
+    mlp_ratio, mask_pattern, conv_kernel, pad_id, dtype, remat, scan_layers, attn_impl, dropout, and `tokenizer`
+    (a dvae model section)."""
     if "tokenizer" not in cfg:
         raise ValueError("dalle: model.tokenizer (the image tokenizer's model section) is missing")
     return Dalle(
@@ -463,4 +470,5 @@ def from_config(cfg: ml_collections.ConfigDict) -> Dalle:
         text_condition=str(cfg.get("text_condition", "none")),
         clip_text=text_tower.tower_from_config(cfg.clip_text) if cfg.get("clip_text") else None,
         clip_embed_dim=int(cfg.get("clip_embed_dim", 0)),
+        dropout=float(cfg.get("dropout", 0.0)),
     )

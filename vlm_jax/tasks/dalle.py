@@ -1,15 +1,18 @@
 """DALL-E's transformer stage (Ramesh et al. 2021, sec. 2.2): next-token cross-entropy over the
 stream [text; image tokens] of models.dalle, the image tokens from the frozen tokenizer.
 
-    config.task = dict(name="dalle", text_loss_weight=1 / 8, text_drop=0.0, temperature=1.0, top_k=0,
-                       top_p=1.0, guidance=0.0, guidance_floor=0.0)
+    config.task = dict(name="dalle", text_loss_weight=1 / 8, text_drop=0.0, word_drop=0.0, temperature=1.0,
+                       top_k=0, top_p=1.0, guidance=0.0, guidance_floor=0.0)
 
 Loss: text_loss_weight * CE(text) + (1 - text_loss_weight) * CE(image) (the paper's 1/8 and 7/8),
 each the mean over its predicted positions: the text tokens after the first (every position,
 per-position pads included, over the text and pad ids) and every image token (over the image codes
 only). Metrics: loss, text_loss, image_loss (nats per token), image_acc (top-1 of the image codes)
 and image_perplexity. text_drop: the fraction of captions replaced by the empty text (every text
-position its pad id), which classifier-free guidance needs (not in the paper).
+position its pad id), which classifier-free guidance needs (not in the paper). word_drop: of the
+captions kept, each word piece (not the first token, bos, nor the last, eos) is replaced by its
+position's pad with this probability (not in the paper), so that each word must carry its own
+meaning: "circle" alone must still draw a circle, of any colour.
 
 Drawing (`generate`, what the `generation` evaluator and `vlm-jax sample` call): the caption's text
 stream is the prompt; grid**2 image codes are sampled through vlm_jax.sampling with the model's
@@ -63,6 +66,16 @@ def stream_losses(logits: jax.Array, ids: jax.Array, text_len: int, image_offset
     )
 
 
+def drop_words(tokens: jax.Array, rng: jax.Array, rate: float, pad_id: int) -> jax.Array:
+    """tokens int [B, L] -> the same with each inner piece (a non-pad token that is neither a row's
+    first nor its last non-pad one) replaced by pad_id with probability `rate`."""
+    real = tokens != pad_id
+    last = real & ~jnp.concatenate([real[:, 1:], jnp.zeros_like(real[:, :1])], axis=1)
+    inner = real & ~last & (jnp.arange(tokens.shape[1]) > 0)[None]
+    hit = inner & jax.random.bernoulli(rng, rate, tokens.shape)
+    return jnp.where(hit, jnp.asarray(pad_id, tokens.dtype), tokens)
+
+
 def loss_fn(
     model: nn.Module, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
     config: ml_collections.ConfigDict, model_state: dict,
@@ -74,6 +87,10 @@ def loss_fn(
         rng, drop_rng = jax.random.split(rng)
         dropped = jax.random.bernoulli(drop_rng, drop, (tokens.shape[0], 1))
         tokens = jnp.where(dropped, jnp.asarray(model.pad_id, tokens.dtype), tokens)
+    word_drop = float(config.task.get("word_drop", 0.0))
+    if word_drop > 0:
+        rng, word_rng = jax.random.split(rng)
+        tokens = drop_words(tokens, word_rng, word_drop, model.pad_id)
     out, state = apply_train(model, params, model_state, batch["image"], tokens, rng=rng)
     parts = stream_losses(out["logits"], out["ids"], model.text_len, model.image_offset)
     w = float(config.task.get("text_loss_weight", 1.0 / 8))
