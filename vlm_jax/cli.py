@@ -4,6 +4,7 @@
     vlm-jax eval  --workdir runs/clip [--config configs/clip.py:tiny]
     vlm-jax data preview --config configs/clip.py:tiny --out preview.png
     vlm-jax convert --from-hf path/to/hf_dir --out converted/
+    vlm-jax convert --from-diffusers path/to/sd_folder --out converted_sd/   # then: vlm-jax sample --workdir converted_sd
     vlm-jax sample --workdir runs/alpaca/instruct --prompt "what is 3 plus 4?"
     vlm-jax sample --workdir runs/sat --image scene.png    (caption + per-word attention PNG; a run
                                                            of stages stands for its last stage)
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -229,8 +231,18 @@ def cmd_convert(args, overrides) -> int:
     from vlm_jax import convert
 
     del overrides
-    config, params = convert.from_hf(args.from_hf)
     out = local_dir(args.out, "--out")
+    if args.from_diffusers:
+        config, params = convert.pipeline_config(convert.from_diffusers(args.from_diffusers))
+        tokenizer = os.path.join(args.from_diffusers, "tokenizer")
+        if os.path.isdir(tokenizer):  # the prompt's tokenizer travels with the weights
+            shutil.copytree(tokenizer, os.path.join(out, "tokenizer"), dirs_exist_ok=True)
+            config.tokenizer.path = os.path.abspath(os.path.join(out, "tokenizer"))
+        else:
+            print(f"vlm-jax: {args.from_diffusers} has no tokenizer/: set tokenizer.path before sampling",
+                  file=sys.stderr)
+    else:
+        config, params = convert.from_hf(args.from_hf)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -317,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=16)
     p.set_defaults(fn=cmd_data)
     p = sub.add_parser("convert", help="import Hugging Face weights")
-    p.add_argument("--from-hf", required=True, help="a directory with config.json + *.safetensors")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", help="a directory with config.json + *.safetensors")
+    source.add_argument("--from-diffusers", help="a diffusers pipeline folder (Stable Diffusion 1.x / 2.x layout)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_convert)
     return parser

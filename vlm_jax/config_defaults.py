@@ -84,8 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.tokenizer = ml_collections.ConfigDict(
-        # path '' -> trained on the world's text, kept in workdir; model_type "bpe" or "char"
-        dict(path="", vocab_size=512, model_type="bpe")
+        # path '' -> trained on the world's text, kept in workdir; model_type "bpe" or "char".
+        # kind "clip_bpe": CLIP's byte-level BPE from the folder at path (vocab.json + merges.txt).
+        dict(path="", vocab_size=512, model_type="bpe", kind="sentencepiece")
     )
     config.optim = ml_collections.ConfigDict(
         dict(

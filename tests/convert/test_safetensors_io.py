@@ -31,3 +31,16 @@ def test_duplicate_names_across_shards(tmp_path):
 def test_no_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
         read_safetensors(str(tmp_path))
+
+
+def test_diffusers_names_and_variants(tmp_path):
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    save_file({"w": np.ones(2, np.float16)}, str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))
+    assert read_safetensors(str(tmp_path))["w"].tolist() == [0.0, 0.0]  # full precision, not both files
+    assert read_safetensors(str(tmp_path), variant="fp16")["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(FileNotFoundError, match="'bf16' variant"):
+        read_safetensors(str(tmp_path), variant="bf16")
+    (tmp_path / "diffusion_pytorch_model.safetensors").unlink()
+    save_file({"w": np.ones(2, np.float32)}, str(tmp_path / "weights.ema.safetensors"))
+    with pytest.raises(FileNotFoundError, match="variant weight files"):
+        read_safetensors(str(tmp_path))

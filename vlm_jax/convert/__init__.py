@@ -1,7 +1,8 @@
 """Weight import / export: `from_hf(path) -> (config, params)` for Hugging Face CLIPModel, ViTModel and
 LlamaForCausalLM directories (config.json + safetensors, single or sharded), and
-`to_hf(config, params, path)` for the families that have an exporter (LLaMA). Pickled checkpoints
-are never read."""
+`to_hf(config, params, path)` for the families that have an exporter (LLaMA), and
+`from_diffusers(folder)` for Stable Diffusion 1.x / 2.x pipeline folders (`convert.diffusers`). Pickled
+checkpoints are never read."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import ml_collections
 
 from vlm_jax.convert import hf_clip, hf_llama, hf_vit
 from vlm_jax.convert.checks import ConversionError, Tensors, finish_params
+from vlm_jax.convert.diffusers import from_diffusers, pipeline_config
 from vlm_jax.convert.safetensors_io import read_safetensors
 
-__all__ = ["ConversionError", "from_hf", "to_hf"]
+__all__ = ["ConversionError", "from_diffusers", "from_hf", "pipeline_config", "to_hf"]
 
 # model_type -> (converter, family config file, the variant whose training settings we start from)
 _FAMILIES = {

@@ -77,17 +77,7 @@ def model_config(
 ) -> ml_collections.ConfigDict:
     """HF CLIPConfig dict -> model section of configs/clip.py (float32, unscanned)."""
     del shapes  # CLIPModel's layout does not depend on which optional weights exist.
-    tc = _section(hf, "text_config", _TEXT_DEFAULTS)
     vc = _section(hf, "vision_config", _VISION_DEFAULTS)
-    eos = tc["eos_token_id"]
-    if eos == 2:
-        # HF's legacy configs say 2 but pool at the highest id (argmax over the ids), which is
-        # the end-of-text token of CLIP's vocabulary: its last entry.
-        eos = tc["vocab_size"] - 1
-        warnings.warn(
-            f"config.json has the legacy eos_token_id 2; pooling at token {eos} instead",
-            stacklevel=3,
-        )
     image_size, patch = vc["image_size"], vc["patch_size"]
     if isinstance(image_size, (list, tuple)) or isinstance(patch, (list, tuple)):
         raise ConversionError("only square images and patches are supported")
@@ -113,18 +103,7 @@ def model_config(
                 ln_eps=vc["layer_norm_eps"],
                 patch_bias=False,
             ),
-            text=dict(
-                vocab_size=tc["vocab_size"],
-                act=act(tc["hidden_act"]),
-                ln_eps=tc["layer_norm_eps"],
-                pad_id=tc.get("pad_token_id") or 0,
-                eos_id=eos,
-                context_length=tc["max_position_embeddings"],
-                width=tc["hidden_size"],
-                depth=tc["num_hidden_layers"],
-                heads=tc["num_attention_heads"],
-                mlp_ratio=tc["intermediate_size"] / tc["hidden_size"],
-            ),
+            text=text_section(_section(hf, "text_config", {})),
             loss="softmax",
             logit_scale_init=float(hf.get("logit_scale_init_value", math.log(1 / 0.07))),
             logit_scale_max=math.log(100.0),
@@ -134,6 +113,44 @@ def model_config(
             remat="none",
         )
     )
+
+
+def text_section(text_config: dict[str, Any]) -> dict[str, Any]:
+    """An HF CLIPTextConfig dict (CLIPConfig's text_config, or a CLIPTextModel's config.json; missing
+    keys take transformers' defaults) -> our text tower's settings (models.text)."""
+    tc = {**_TEXT_DEFAULTS, **text_config}
+    eos = tc["eos_token_id"]
+    if eos == 2:
+        # HF's legacy configs say 2 but pool at the highest id (argmax over the ids), which is
+        # the end-of-text token of CLIP's vocabulary: its last entry.
+        eos = tc["vocab_size"] - 1
+        warnings.warn(
+            f"config.json has the legacy eos_token_id 2; pooling at token {eos} instead",
+            stacklevel=3,
+        )
+    return dict(
+        vocab_size=tc["vocab_size"],
+        act=act(tc["hidden_act"]),
+        ln_eps=tc["layer_norm_eps"],
+        pad_id=tc.get("pad_token_id") or 0,
+        eos_id=eos,
+        context_length=tc["max_position_embeddings"],
+        width=tc["hidden_size"],
+        depth=tc["num_hidden_layers"],
+        heads=tc["num_attention_heads"],
+        mlp_ratio=tc["intermediate_size"] / tc["hidden_size"],
+    )
+
+
+def text_tower_params(t: Tensors, prefix: str, text: ml_collections.ConfigDict) -> dict:
+    """The text tower's params from the tensors under `prefix` (e.g. "text_model."): embeddings,
+    encoder layers and the final LayerNorm (models.text.TextTransformer's tree)."""
+    return {
+        "token_embedding": {"embedding": t.take(f"{prefix}embeddings.token_embedding.weight")},
+        "pos_embed": {"pos_embedding": t.take(f"{prefix}embeddings.position_embedding.weight")},
+        "encoder": _encoder(t, f"{prefix}encoder", text.depth, text.heads),
+        "ln_final": layouts.layer_norm(t, f"{prefix}final_layer_norm"),
+    }
 
 
 def _encoder(t: Tensors, prefix: str, depth: int, heads: int) -> dict:
@@ -154,12 +171,7 @@ def params(t: Tensors, cfg: ml_collections.ConfigDict) -> dict:
         "encoder": _encoder(t, f"{v}.encoder", cfg.image.depth, cfg.image.heads),
         "ln_final": layouts.layer_norm(t, f"{v}.post_layernorm"),
     }
-    text = {
-        "token_embedding": {"embedding": t.take(f"{x}.embeddings.token_embedding.weight")},
-        "pos_embed": {"pos_embedding": t.take(f"{x}.embeddings.position_embedding.weight")},
-        "encoder": _encoder(t, f"{x}.encoder", cfg.text.depth, cfg.text.heads),
-        "ln_final": layouts.layer_norm(t, f"{x}.final_layer_norm"),
-    }
+    text = text_tower_params(t, f"{x}.", cfg.text)
     return {
         "image": image,
         "image_projection": layouts.linear(t, "visual_projection", bias=False),

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from vlm_jax.data.token_rows import pack
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "char")
 MODEL_FILENAME = "tokenizer.model"
@@ -104,26 +106,21 @@ class Tokenizer:
         return (tokens, truncated) if return_truncated else tokens
 
 
-def pack(
-    ids: Sequence[Sequence[int]], length: int, bos_id: int, eos_id: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Piece ids -> (int32 [N, length] rows with bos/eos/pad, bool [N] whether pieces were cut)."""
-    head = [bos_id] if bos_id >= 0 else []
-    room = length - len(head) - 1  # eos always survives truncation
-    if room < 0:
-        raise ValueError(f"text length {length} leaves no room for bos and eos")
-    out = np.full((len(ids), length), pad_id, dtype=np.int32)
-    truncated = np.zeros((len(ids),), dtype=bool)
-    for row, pieces in enumerate(ids):
-        truncated[row] = len(pieces) > room
-        seq = head + list(pieces[:room]) + [eos_id]
-        out[row, : len(seq)] = seq
-    return out, truncated
-
-
 def load_or_train(config: Any, workdir: str | os.PathLike | None) -> Tokenizer:
-    """config.tokenizer.path if set, else <workdir>/tokenizer.model, else train on the world text."""
+    """config.tokenizer.path if set, else <workdir>/tokenizer.model, else train on the world text.
+    tokenizer.kind "clip_bpe": CLIP's byte-level BPE from the folder at tokenizer.path (vocab.json +
+    merges.txt; vlm_jax.data.clip_bpe.ClipTokenizer, same interface)."""
+    kind = str(config.tokenizer.get("kind", "sentencepiece") or "sentencepiece")
     path = str(config.tokenizer.get("path", "") or "")
+    if kind == "clip_bpe":
+        from vlm_jax.data.clip_bpe import ClipTokenizer
+
+        if not path:
+            raise ValueError("tokenizer.kind 'clip_bpe' needs tokenizer.path: the folder with vocab.json and "
+                             "merges.txt")
+        return ClipTokenizer.load(os.path.expanduser(path))
+    if kind != "sentencepiece":
+        raise ValueError(f"tokenizer.kind {kind!r}: choose 'sentencepiece' or 'clip_bpe'")
     if path:
         return Tokenizer.load(os.path.expanduser(path))
     if workdir is None:

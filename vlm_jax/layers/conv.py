@@ -1,14 +1,28 @@
-"""Convolutions with a matmul weight gradient: XLA's CPU weight-gradient convolution is several
-times slower than the same arithmetic as matmuls, the largest cost of small conv towers' steps
-(the world CLIP's SmallCNN, the DALL-E tokenizer). Used by models.resnet and models.dvae.
+"""2-D convolutions, NHWC x HWIO.
+
+* `conv3x3` / `conv_with_matmul_wgrad`: convolutions with a matmul weight gradient: XLA's CPU
+  weight-gradient convolution is several times slower than the same arithmetic as matmuls, the
+  largest cost of small conv towers' steps (the world CLIP's SmallCNN, the DALL-E tokenizer).
+  Used by models.resnet and, through `conv2d`, by models.dvae and the diffusion models.
+* `conv2d`: the k x k conv layer of models.dvae, models.unet and models.autoencoder_kl: float32
+  params with logical axes, 'same' padding unless given, 3x3 stride-1 convs through
+  `conv_with_matmul_wgrad`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+CONV_AXES = (None, None, "conv_in", "conv_out")
+# Variance 1 / fan_in, untruncated normal: conv2d's default kernel init.
+FAN_IN_NORMAL = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+# PyTorch's Conv2d / Linear default (kaiming-uniform with a = sqrt(5): variance 1 / (3 fan_in)).
+TORCH_DEFAULT_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def _plain_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -68,4 +82,27 @@ def conv_with_matmul_wgrad(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
         dimension_numbers=dimension_numbers, feature_group_count=feature_group_count, **kwargs,
+    )
+
+
+def conv2d(
+    features: int, kernel: int, dtype: Any, name: str, stride: int = 1, padding: Any = None,
+    kernel_init: Any = None, axes: tuple[str | None, ...] = CONV_AXES,
+) -> nn.Conv:
+    """A k x k nn.Conv (to apply to NHWC inputs): 'same' padding (k // 2 each side) unless `padding`
+    is given, float32 params, kernel [k, k, C_in, features] named `axes` (CONV_AXES) with
+    `kernel_init` (None: FAN_IN_NORMAL), bias [features] named (axes[-1],) starting at zero. 3x3
+    stride-1 convs take their weight gradient as matmuls (conv_with_matmul_wgrad: the same values)."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)) if padding is None else padding,
+        conv_general_dilated=conv_with_matmul_wgrad if kernel == 3 and stride == 1 else None,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.with_logical_partitioning(kernel_init or FAN_IN_NORMAL, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)),
+        name=name,
     )

@@ -1,4 +1,5 @@
-"""LayerNorm computed in float32 whatever the compute dtype, with logically named params."""
+"""Norms computed in float32 whatever the compute dtype, with logically named params: LayerNorm,
+RMSNorm, and GroupNorm (of conv feature maps: the diffusion UNet and its autoencoder)."""
 
 from __future__ import annotations
 
@@ -93,3 +94,29 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
         return (y * scale).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation of [B, ..., C] (Wu & He 2018, as torch.nn.GroupNorm): statistics per
+    example and group of C // groups channels over all positions, in float32 (two-pass biased
+    variance); params `scale`, `bias` [C] named ("conv_out",); output in `dtype`."""
+
+    groups: int
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, ..., C] -> [B, ..., C]; ValueError when `groups` does not divide C."""
+        c = x.shape[-1]
+        if c % self.groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.groups} groups")
+        g = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.groups, c // self.groups))
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # all positions and the channels of a group
+        centred = g - jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        boxed = lambda init: nn.with_logical_partitioning(init, ("conv_out",))  # noqa: E731
+        scale = self.param("scale", boxed(nn.initializers.ones), (c,), jnp.float32)
+        bias = self.param("bias", boxed(nn.initializers.zeros), (c,), jnp.float32)
+        return (y * scale + bias).astype(self.dtype)

@@ -33,31 +33,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.layers.conv import conv2d
 from vlm_jax.layers.quantizer import VectorQuantizer
-from vlm_jax.layers.conv import conv_with_matmul_wgrad
 
 KINDS = ("dvae", "vqvae")
-_CONV_AXES = (None, None, "conv_in", "conv_out")
 # VectorQuantizer's own default (variance 1/d), here boxed with logical axes when it is a param.
 _VQ_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
-
-
-def _conv(features: int, kernel: int, dtype: Any, name: str, axes: tuple = _CONV_AXES) -> nn.Conv:
-    """k x k 'same' conv (k odd), stride 1, f32 params with logical axes (kernel `axes`, bias
-    (axes[-1],)). 3 x 3 convs take their weight gradient as matmuls (layers.conv.conv3x3: the same
-    values; on the CPU the tiny tokenizer's step ran about 1.4x faster)."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        padding=((pad, pad), (pad, pad)),
-        conv_general_dilated=conv_with_matmul_wgrad if kernel == 3 else None,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_in", "normal"), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)),
-        name=name,
-    )
 
 
 class ResBlock(nn.Module):
@@ -71,10 +52,10 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, C] -> id_path(x) + post_gain * res_path(x), [B, H, W, features]."""
         hidden = max(self.features // 4, 1)
-        shortcut = x if x.shape[-1] == self.features else _conv(self.features, 1, self.dtype, "id_path")(x)
+        shortcut = x if x.shape[-1] == self.features else conv2d(self.features, 1, self.dtype, "id_path")(x)
         h = x
         for i, (features, kernel) in enumerate(((hidden, 3), (hidden, 3), (hidden, 3), (self.features, 1)), 1):
-            h = _conv(features, kernel, self.dtype, f"conv{i}")(nn.relu(h))
+            h = conv2d(features, kernel, self.dtype, f"conv{i}")(nn.relu(h))
         return shortcut + self.post_gain * h
 
 
@@ -103,14 +84,14 @@ class Encoder(nn.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         """images [B, S, S, 3] -> float32 [B, h, w, out_features]."""
         gain = 1.0 / (len(self.channel_mults) * self.blocks_per_group) ** 2
-        x = _conv(self.hidden, self.input_kernel, self.dtype, "input")(images.astype(self.dtype))
+        x = conv2d(self.hidden, self.input_kernel, self.dtype, "input")(images.astype(self.dtype))
         for g, mult in enumerate(self.channel_mults):
             if g:
                 x = _max_pool_2x2(x)
             for b in range(self.blocks_per_group):
                 x = ResBlock(self.hidden * mult, gain, self.dtype, name=f"group{g}_block{b}")(x)
         axes = (None, None, "conv_in", self.out_axis)
-        out = _conv(self.out_features, 1, self.dtype, self.out_name, axes)(nn.relu(x))
+        out = conv2d(self.out_features, 1, self.dtype, self.out_name, axes=axes)(nn.relu(x))
         return out.astype(jnp.float32)
 
 
@@ -132,7 +113,7 @@ class Decoder(nn.Module):
                 x = _upsample_2x(x)
             for b in range(self.blocks_per_group):
                 x = ResBlock(self.hidden * mult, gain, self.dtype, name=f"group{g}_block{b}")(x)
-        return _conv(3, 1, self.dtype, "output")(nn.relu(x)).astype(jnp.float32)
+        return conv2d(3, 1, self.dtype, "output")(nn.relu(x)).astype(jnp.float32)
 
 
 def gumbel_softmax(rng: jax.Array, logits: jax.Array, temperature: jax.Array | float) -> jax.Array:

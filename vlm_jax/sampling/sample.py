@@ -113,6 +113,13 @@ def load_for_sampling(
     from vlm_jax.train.checkpoint import Checkpointer
 
     workdir = local_dir(workdir)
+    converted = os.path.isdir(os.path.join(workdir, "params")) and not os.path.isdir(os.path.join(workdir, "checkpoints"))
+    if converted:  # `vlm-jax convert` output: config.json and the params tree, no steps
+        if step is not None:
+            raise ValueError(f"{workdir} is a converted model (no training steps): leave out --step")
+        config = _saved_config(workdir, 0) if config is None else config
+        model = models.build(config)
+        return config, model, _load_params(config, model, workdir, None), tokenizer_lib.load_or_train(config, workdir)
     checkpointer = Checkpointer(workdir, async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step

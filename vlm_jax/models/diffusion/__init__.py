@@ -4,6 +4,9 @@
 the epsilon / x0 / v prediction targets and their inversion, and the simple loss with optional
 min-SNR weighting. The samplers that run the reverse process (DDPM, DDIM, classifier-free
 guidance) live in `vlm_jax.sampling.diffusion`.
+
+`blocks` holds the network blocks (ResNet, attention and transformer blocks, down / upsampling)
+that the UNet (`vlm_jax.models.unet`) and the KL autoencoder (`vlm_jax.models.autoencoder_kl`) share.
 """
 
 from __future__ import annotations

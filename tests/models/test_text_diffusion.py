@@ -1,0 +1,128 @@
+"""Text-to-image diffusion (models.text_diffusion, tasks.diffusion): the pixel rearrangement, the
+conditioning, the loss and its caption dropping, guided sampling compiled once, and configs/ddpm.py's
+two stages through the one trainer (the smoke test of the slow learning run)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vlm_jax import config as config_lib
+from vlm_jax import models, tasks
+from vlm_jax.models import text_diffusion
+from vlm_jax.sampling import diffusion as samplers
+
+DIFFUSION = tasks.get("diffusion")
+_SMALL = {
+    "model.text.width": 16, "model.text.depth": 1, "model.text.heads": 2, "model.embed_dim": 16,
+    "model.unet.block_out_channels": (16, 32), "model.unet.norm_num_groups": 4, "model.unet.cross_attention_dim": 16,
+    "model.unet.pooled_dim": 16, "model.unet.attention_head_dim": 2,
+}
+
+
+def _tiny(**overrides):
+    config = config_lib.load("configs/ddpm.py:tiny", {**_SMALL, **overrides})
+    model = models.build(config)
+    images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    tokens = jnp.array([[2, 5, 6, 3] + [0] * 16, [2, 7, 3] + [0] * 17], jnp.int32)
+    variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), images, tokens))
+    return config, model, variables, images, tokens
+
+
+def test_patches_are_a_rearrangement_of_the_pixels():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    packed = text_diffusion.space_to_depth(x, 2)
+    assert packed.shape == (2, 2, 3, 12)
+    np.testing.assert_array_equal(packed[0, 1, 2].reshape(2, 2, 3), x[0, 2:4, 4:6])  # one 2x2 block
+    np.testing.assert_array_equal(text_diffusion.depth_to_space(packed, 2), x)
+    with pytest.raises(ValueError, match="patch 4 does not divide"):
+        text_diffusion.space_to_depth(x, 4)
+
+
+def test_condition_denoise_and_a_frozen_text_tower():
+    config, model, variables, images, tokens = _tiny()
+    cond = model.apply(variables, tokens, method=model.condition)
+    assert cond["context"].shape == (2, 20, 16) and cond["pooled"].shape == (2, 16)
+    np.testing.assert_allclose(np.linalg.norm(cond["pooled"], axis=-1), 4.0, rtol=1e-5)  # sqrt(E)
+    x0 = model.apply(variables, images, method=model.encode)
+    assert x0.shape == (2, 16, 16, 12)  # patch 2
+    np.testing.assert_array_equal(model.apply(variables, x0, method=model.decode), images)
+    grads = jax.grad(lambda p: DIFFUSION.loss_fn(model, p, {"image": images, "tokens": tokens},
+                                                 jax.random.key(2), config, {})[0])(variables["params"])
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["text"]))
+    assert float(jnp.abs(jax.tree.leaves(grads["unet"])[0]).max()) > 0
+
+
+def test_cond_drop_trains_on_the_empty_caption():
+    config, model, variables, images, tokens = _tiny()
+    loss = lambda drop, toks: DIFFUSION.loss_fn(  # noqa: E731
+        model, variables["params"], {"image": images, "tokens": toks}, jax.random.key(3),
+        ml_collections.ConfigDict({**config.to_dict(), "task": {**config.task.to_dict(), "cond_drop": drop}}), {})
+    all_dropped, metrics = loss(1.0, tokens)
+    np.testing.assert_allclose(all_dropped, loss(0.0, jnp.zeros_like(tokens))[0], rtol=1e-6)
+    assert set(metrics["metrics"]) == {"loss", "mse", "mse_low_t", "mse_high_t"}
+    assert abs(float(all_dropped) - float(loss(0.0, tokens)[0])) > 1e-6
+
+
+def test_guided_sampling_is_one_compiled_loop_and_bad_settings_are_errors():
+    config, model, variables, _, tokens = _tiny(**{"task.sample_steps": 3})
+    first = DIFFUSION.generate(model, variables, tokens, jax.random.key(0), config)
+    assert first.shape == (2, 32, 32, 3)
+    compiled = samplers._loop._cache_size()
+    again = DIFFUSION.generate(model, variables, tokens[::-1], jax.random.key(0), config)
+    assert samplers._loop._cache_size() == compiled  # new prompts and params: no new compilation
+    assert np.abs(np.asarray(again) - np.asarray(first)).max() > 1e-3  # the prompts matter
+    np.testing.assert_array_equal(DIFFUSION.generate(model, variables, tokens, jax.random.key(0), config), first)
+    with config.unlocked():
+        config.task.guidance = 1.0  # the conditional model alone
+    unguided = DIFFUSION.generate(model, variables, tokens, jax.random.key(0), config)
+    assert np.abs(np.asarray(unguided) - np.asarray(first)).max() > 1e-4
+    for key, value, match in (("guidance", -1.0, "guidance scale must be >= 0"), ("sample_steps", 0, "sample_steps"),
+                              ("sampler", "euler", "task.sampler 'euler'")):
+        with config.unlocked():
+            bad = ml_collections.ConfigDict(config.to_dict())
+            bad.task[key] = value
+        with pytest.raises(ValueError, match=match):
+            DIFFUSION.generate(model, variables, tokens, jax.random.key(0), bad)
+
+
+def test_stages_train_clip_then_diffusion_and_sample(world_cache, tmp_path):
+    """configs/ddpm.py:tiny's two stages, a few steps of narrow models on the small world: the
+    diffusion stage reads the CLIP stage's text tower, frozen, and vlm-jax sample draws from it."""
+    import orbax.checkpoint as ocp
+    from PIL import Image
+
+    from vlm_jax import cli
+    from vlm_jax.train import stages
+
+    config = config_lib.load("configs/ddpm.py:tiny", {
+        **_SMALL, "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
+        "data.batch_size": 8, "train.log_every": 1, "train.progress": False, "train.async_checkpoints": False,
+        "train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 1000, "task.sample_steps": 2,
+        "stages.clip.train.steps": 2, "stages.clip.train.eval_every": 0, "stages.clip.train.ckpt_every": 1000,
+    })
+    with config.unlocked():
+        config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
+        config.evals = ml_collections.ConfigDict()
+        small = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
+        config.stages.clip.update(small(
+            data=small(batch_size=16), evals=small(val=small(num_examples=16)),
+            model=small(embed_dim=16, text=small(width=16, depth=1, heads=2),
+                        image=small(channels=(8, 16, 16), pool="mean"))))
+    run = str(tmp_path / "run")
+    summaries = stages.train_stages(config, run, devices=jax.devices()[:1])
+    assert [(n, s["finished"]) for n, s in summaries] == [("clip", True), ("diffusion", True)]
+    read = lambda stage: ocp.StandardCheckpointer().restore(f"{run}/{stage}/checkpoints/2/state")["params"]  # noqa: E731
+    clip, diffusion = read("clip"), read("diffusion")
+    assert "text" not in diffusion and "unet" in diffusion  # frozen, not stored again
+    from vlm_jax.sampling.sample import load_for_sampling
+
+    _, _, params, _ = load_for_sampling(f"{run}/diffusion")
+    for x, y in zip(jax.tree.leaves(clip["text"]), jax.tree.leaves(params["text"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    grid = tmp_path / "grid.png"
+    assert cli.main(["sample", "--workdir", f"{run}/diffusion", "--prompt", "a red circle.", "-n", "2",
+                     "--out", str(grid)]) == 0
+    assert Image.open(grid).size[0] >= 2 * 32

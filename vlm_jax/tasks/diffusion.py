@@ -1,0 +1,183 @@
+"""Text-to-image diffusion training and sampling (models.text_diffusion; DDPM and latent diffusion).
+
+    config.task = dict(name="diffusion", schedule="linear", num_train_steps=1000, beta_start=1e-4,
+                       beta_end=0.02, prediction="epsilon", min_snr_gamma=0.0, cond_drop=0.1,
+                       sampler="ddim", sample_steps=50, eta=0.0, guidance=3.0, clip_sample=1.0,
+                       spacing="leading", steps_offset=0, prev_rule="next", set_alpha_to_one=True)
+
+Loss (Ho et al. 2020, the "simple" objective): x0 = model.encode(images) (pixels, or scaled
+latents), t ~ U{0, ..., T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the
+UNet's output at (x_t, t, caption) against `prediction`'s target (eps, x0 or v), mean squared,
+weighted per example by min-SNR-gamma when min_snr_gamma > 0 (Hang et al. 2023). cond_drop: the
+fraction of captions replaced by the empty caption (every token the pad id) during training, which
+classifier-free guidance needs (Ho & Salimans 2022). Metrics: loss, mse (unweighted), and the mse
+over the low / high half of the timesteps.
+
+Drawing (`generate`: the `generation` evaluator and `vlm-jax sample`): from x_T ~ N(0, I), the
+reverse chain of vlm_jax.sampling.diffusion as one jitted loop: sampler "ddpm" (ancestral, every
+training step, or sample_steps of them when sample_steps > 0) or "ddim" (sample_steps steps, eta),
+with guidance w: out_u + w (out_c - out_u) (w = 1: the conditional model alone, no second pass;
+w = 0: unconditional), x0 clipped to [-clip_sample, clip_sample] at each step when clip_sample > 0
+(pixel space), then model.decode. spacing / steps_offset / prev_rule / set_alpha_to_one pick the
+DDIM timesteps as vlm_jax.sampling.diffusion.sample_ddim does (a converted Stable Diffusion
+scheduler: prev_rule "diffusers", its own spacing and offset).
+
+Batches: image f32 [B, S, S, 3] (data-normalised to about [-1, 1]), tokens int32 [B, L].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlm_jax.models.diffusion import schedules
+from vlm_jax.sampling import diffusion as samplers
+from vlm_jax.tasks.base import apply_train
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def model_inputs(batch: dict) -> tuple:
+    """The model's positional inputs for init: images [B, S, S, 3] and tokens [B, L]."""
+    return (batch["image"], batch["tokens"])
+
+
+def schedule_of(task: ml_collections.ConfigDict) -> schedules.Schedule:
+    """The noise schedule that config.task names."""
+    return schedules.make_schedule(
+        str(task.get("schedule", "linear")), int(task.get("num_train_steps", 1000)),
+        float(task.get("beta_start", 1e-4)), float(task.get("beta_end", 0.02)),
+    )
+
+
+def empty_tokens(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
+    """The empty caption (guidance's unconditional input) in tokens' shape."""
+    return jnp.full_like(tokens, pad_id)
+
+
+def loss_fn(
+    model: nn.Module, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
+    config: ml_collections.ConfigDict, model_state: dict,
+) -> tuple[jax.Array, dict]:
+    """The diffusion loss at one random timestep per example (module docstring)."""
+    task = config.task
+    schedule = schedule_of(task)
+    prediction = str(task.get("prediction", "epsilon"))
+    gamma = float(task.get("min_snr_gamma", 0.0)) or None
+    tokens = batch["tokens"]
+    b = tokens.shape[0]
+    r_drop, r_t, r_noise, r_model = jax.random.split(rng, 4)
+    drop = float(task.get("cond_drop", 0.0))
+    if drop > 0:
+        dropped = jax.random.bernoulli(r_drop, drop, (b, 1))
+        tokens = jnp.where(dropped, empty_tokens(tokens), tokens)
+    variables = {"params": params, **model_state}
+    x0 = model.apply(variables, batch["image"], method=model.encode)
+    cond = model.apply(variables, tokens, method=model.condition)
+    t = jax.random.randint(r_t, (b,), 0, schedule.num_train_steps)
+    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+    x_t = schedules.q_sample(schedule, x0, t, noise)
+    out, state = apply_train(model, params, model_state, x_t, t, cond["context"], cond["pooled"], rng=r_model,
+                             method=model.denoise)
+    loss = schedules.simple_loss(schedule, out, x0, noise, t, prediction, gamma)
+    err = jnp.square(out.astype(jnp.float32) - schedules.target(schedule, x0, noise, t, prediction))
+    per_example = err.reshape(b, -1).mean(axis=1)
+    low = t < schedule.num_train_steps // 2
+    metrics = dict(
+        loss=loss, mse=per_example.mean(),
+        mse_low_t=jnp.sum(per_example * low) / jnp.maximum(low.sum(), 1),
+        mse_high_t=jnp.sum(per_example * ~low) / jnp.maximum((~low).sum(), 1),
+    )
+    return loss, {"metrics": metrics, "model_state": state}
+
+
+@functools.lru_cache(maxsize=None)
+def _net(model: nn.Module):
+    """model -> net(x_t, t, cond, variables): one denoiser call. Cached so that the samplers' jitted
+    loop (whose model function is a static argument) compiles once per model, not once per call."""
+
+    def net(x_t: jax.Array, t: jax.Array, cond: dict, variables: dict) -> jax.Array:
+        return model.apply(variables, x_t, t, cond["context"], cond["pooled"], method=model.denoise)
+
+    return net
+
+
+@functools.lru_cache(maxsize=None)
+def _guided_net(model: nn.Module):
+    """model -> pair(x_t, t, cond, null, variables) = (out_cond, out_uncond) from one batched call."""
+    net = _net(model)
+
+    def pair(x_t: jax.Array, t: jax.Array, cond: dict, null: dict, variables: dict):
+        both = samplers.cond_uncond(lambda x, tt, c: net(x, tt, c, variables))
+        return both(x_t, t, cond, null)
+
+    return pair
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _condition(model: nn.Module, variables: dict, tokens: jax.Array) -> dict:
+    return model.apply(variables, tokens, method=model.condition)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(model: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, method=model.decode)
+
+
+def sample_shape(model: nn.Module, config: ml_collections.ConfigDict, batch: int) -> tuple[int, ...]:
+    """The diffused array's shape for `batch` samples: images [B, S/p, S/p, 3 p^2] (model.patch p),
+    or the autoencoder's latents [B, S / f, S / f, latent_channels]."""
+    size = int(config.data.image_size)
+    ae, p = model.autoencoder, model.patch
+    if ae is None:
+        return (batch, size // p, size // p, 3 * p * p)
+    f = 2 ** (len(ae.block_out_channels) - 1)
+    return (batch, size // f, size // f, int(ae.latent_channels))
+
+
+def sample(
+    model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array, task: ml_collections.ConfigDict, *,
+    data_config: ml_collections.ConfigDict, x_init: jax.Array | None = None,
+    return_trajectory: bool = False,
+) -> Any:
+    """Diffused samples (before decode) for tokens [B, L] with the sampler, steps and guidance that
+    `task` names (module docstring); with return_trajectory also each step's x."""
+    sampler = str(task.get("sampler", "ddim"))
+    if sampler not in SAMPLERS:
+        raise ValueError(f"diffusion: task.sampler {sampler!r}: choose one of {SAMPLERS}")
+    w = float(task.get("guidance", 1.0))
+    samplers.check_guidance(w)
+    steps = int(task.get("sample_steps", 50))
+    clip = float(task.get("clip_sample", 0.0)) or None
+    schedule = schedule_of(task)
+    shape = sample_shape(model, ml_collections.ConfigDict({"data": data_config}), tokens.shape[0])
+    cond = _condition(model, variables, jnp.asarray(tokens))
+    common = dict(prediction=str(task.get("prediction", "epsilon")), clip_sample=clip, x_init=x_init,
+                  return_trajectory=return_trajectory)
+    if w == 1.0:
+        fn, args, guidance = _net(model), (cond, variables), None
+    else:
+        null = _condition(model, variables, empty_tokens(jnp.asarray(tokens[:1])))
+        fn, args, guidance = _guided_net(model), (cond, null, variables), w
+    if sampler == "ddpm":
+        return samplers.sample_ddpm(fn, schedule, shape, rng, guidance=guidance, args=args,
+                                    num_steps=steps if steps > 0 else None, **common)
+    if steps < 1:
+        raise ValueError(f"diffusion: DDIM needs task.sample_steps >= 1, got {steps}")
+    return samplers.sample_ddim(
+        fn, schedule, shape, rng, steps, float(task.get("eta", 0.0)), guidance=guidance, args=args,
+        spacing=str(task.get("spacing", "leading")), steps_offset=int(task.get("steps_offset", 0)),
+        prev_rule=str(task.get("prev_rule", "next")), set_alpha_to_one=bool(task.get("set_alpha_to_one", True)),
+        **common)
+
+
+def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array, config: Any) -> jax.Array:
+    """Images [B, S, S, 3] (data-normalised) for tokens [B, L] (module docstring)."""
+    x0 = sample(model, variables, tokens, rng, config.task, data_config=config.data)
+    return _decode(model, variables, x0)
+
