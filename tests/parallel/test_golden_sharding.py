@@ -29,6 +29,7 @@ CONFIGS = {
     "configs/vit.py": ("tiny", "b16", "l16", "h14"),
     "configs/gan_int_cls.py": ("tiny", "tiny_char", "published"),
     "configs/dalle.py": ("tokenizer_tiny", "tokenizer_tiny_vq", "tokenizer", "tiny", "12b"),
+    "configs/ddpm.py": ("tiny", "published"),
     "configs/llama.py": (
         "tiny", "llama_7b", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_8b", "tinyllama_1b"
     ),
