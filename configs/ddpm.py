@@ -10,8 +10,11 @@ Variants:
 * tiny: stage "clip" trains the tiny world CLIP (configs/clip.py:tiny, 600 steps: the text tower
   and the generation evaluator's judge); stage "diffusion" loads its text tower and projection
   (train.init_from_map), frozen, and trains the UNet on 32x32 world images: the cross-attention
-  reads the tower's hidden states, the CLIP text embedding joins the time embedding; 10% of the
-  captions dropped for guidance; DDIM 50 steps, guidance 3 for the evaluation.
+  reads the tower's hidden states, the CLIP text embedding joins the time embedding; each 2x2
+  pixel block stacked into channels (model.patch 2: a 16x16x12 UNet input); v-prediction with
+  min-SNR-5 loss weights; 10% of the captions dropped for guidance; DDIM 50 steps, guidance 1.5
+  for the evaluation (2000 steps: val/gen/main_acc 0.633, held-out pairs 0.522, shuffled prompts
+  0.043, Frechet distance in CLIP space 0.035; about 24 minutes on 2 cores, over the 20 of issue 16).
 * published: the DDPM paper's CIFAR-10 UNet layout (channels 128 x (1, 2, 2, 2), two residual blocks
   per level, self-attention at 16x16, dropout 0.1, T = 1000 linear betas 1e-4 .. 0.02, Adam 2e-4,
   batch 128) at 32x32 with the text conditioning above on a CLIP ViT-B text tower (77 tokens, width
@@ -64,6 +67,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         config.data.text_length = clip.data.text_length
         config.tokenizer.update(clip.tokenizer.to_dict())
         config.data.batch_size = 64
+        # v-prediction with min-SNR-5 weights: at step 1000, val/gen/main_acc 0.30 (held-out 0.31,
+        # Frechet distance in CLIP space 0.146) against epsilon's 0.19 (1.83: its DDIM samples kept
+        # much of the noise), one run each, the same CLIP stage. Guidance w over the 2000-step
+        # model (DDIM 50): 1 / 1.5 / 2 / 2.5 / 3 -> 0.49 / 0.63 / 0.59 / 0.42 / 0.29 (held-out 0.36 /
+        # 0.52 / 0.53 / 0.40 / 0.28); above 2 the main objects come out in mixed colours.
+        config.task.update(dict(prediction="v_prediction", min_snr_gamma=5.0, guidance=1.5))
         config.optim.update(dict(lr=1e-3, weight_decay=0.0, warmup_steps=100, clip_norm=1.0))
         config.train.update(dict(steps=2000, log_every=50, eval_every=2000, ckpt_every=1000))
         config.stages = ml_collections.ConfigDict(

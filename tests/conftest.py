@@ -96,6 +96,35 @@ def tiny_clip_config(world_cache):
     return config
 
 
+@pytest.fixture
+def staged_smoke_config(world_cache):
+    """spec, overrides -> a family config whose first stage is the world CLIP, shrunk for a smoke run
+    of its stages: 2 steps each on the small shared world, no evaluators, a CLIP of width 16."""
+    import ml_collections
+
+    from vlm_jax import config as config_lib
+
+    def make(spec: str, overrides: dict):
+        config = config_lib.load(spec, {
+            "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
+            "data.batch_size": 8, "train.log_every": 1, "train.progress": False, "train.async_checkpoints": False,
+            "train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 1000,
+            "stages.clip.train.steps": 2, "stages.clip.train.eval_every": 0, "stages.clip.train.ckpt_every": 1000,
+            **overrides,
+        })
+        with config.unlocked():
+            config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
+            config.evals = ml_collections.ConfigDict()
+            small = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
+            config.stages.clip.update(small(
+                data=small(batch_size=16), evals=small(val=small(num_examples=16)),
+                model=small(embed_dim=16, text=small(width=16, depth=1, heads=2),
+                            image=small(channels=(8, 16, 16), pool="mean"))))
+        return config
+
+    return make
+
+
 # How the default run shares its 2 cores (pytest.ini: `-n 2 --dist loadfile --no-loadscope-reorder`):
 # each test file is one unit of work for one xdist worker, so its module fixtures and the programs
 # its tests compile are made once, not once per worker, and tests that train the same config run in
@@ -108,6 +137,8 @@ _LONGEST_FIRST = (
     "tests/train/",
     "tests/models/test_gan_int_cls.py",
     "tests/models/test_dalle.py",
+    "tests/models/test_text_diffusion.py",
+    "tests/models/test_ldm.py",
     "tests/kernels/",
     "tests/tasks/test_image_tokenizer.py",
     "tests/sampling/",

@@ -333,34 +333,24 @@ def test_word_drop_replaces_inner_pieces_only():
     assert 0.22 < dropped.mean() < 0.28 and dropped.all(axis=1).mean() < 0.05  # independent pieces
 
 
-def _staged(world_cache):
+def _staged(make):
     """configs/dalle.py:tiny_clip_text's three stages (tiny's, and the transformer also reads the
     CLIP stage's text tower), a few steps of narrow models on the small world (the evaluator, the
     CLIP's other use, is left to the slow test)."""
-    config = config_lib.load("configs/dalle.py:tiny_clip_text", {
-        "data.tfds_data_dir": str(world_cache / "tfds"), "tokenizer.path": str(world_cache / "tokenizer.model"),
-        "data.batch_size": 8, "train.log_every": 1, "train.progress": False, "train.async_checkpoints": False,
-        "train.steps": 2, "train.eval_every": 0, "train.ckpt_every": 1000,
+    config = make("configs/dalle.py:tiny_clip_text", {
         "model.width": 32, "model.depth": 2, "model.heads": 2, "model.head_dim": 16,
         "model.tokenizer.hidden": 8, "model.tokenizer.embed_dim": 16, "model.tokenizer.num_codes": 32,
         "model.clip_text.width": 16, "model.clip_text.depth": 1, "model.clip_text.heads": 2, "model.clip_embed_dim": 16,
-        "stages.clip.train.steps": 2, "stages.clip.train.eval_every": 0, "stages.clip.train.ckpt_every": 1000,
     })
     with config.unlocked():
-        config.data.world_num_examples.update(dict(train=256, validation=64, test=64))
-        config.evals = ml_collections.ConfigDict()
         small = lambda **kw: ml_collections.ConfigDict(kw)  # noqa: E731
-        config.stages.clip.update(small(
-            data=small(batch_size=16), evals=small(val=small(num_examples=16)),
-            model=small(embed_dim=16, text=small(width=16, depth=1, heads=2),
-                        image=small(channels=(8, 16, 16), pool="mean"))))
         config.stages.tokenizer.update(small(
             data=small(batch_size=8), evals=small(val=small(num_examples=8, batch_size=8)),
             model=small(hidden=8, embed_dim=16, num_codes=32), train=small(steps=2, eval_every=0, ckpt_every=1000)))
     return config
 
 
-def test_stages_train_the_tokenizer_then_the_transformer_on_it(world_cache, tmp_path):
+def test_stages_train_the_tokenizer_then_the_transformer_on_it(staged_smoke_config, tmp_path):
     """The smoke test of test_tiny_dalle_learns_to_draw_the_prompt (-m slow): tiny's three stages,
     run as tiny_clip_text (which adds the CLIP text condition) so that one smoke covers both."""
     from PIL import Image
@@ -369,7 +359,7 @@ def test_stages_train_the_tokenizer_then_the_transformer_on_it(world_cache, tmp_
     from vlm_jax.train import stages
 
     run = str(tmp_path / "run")
-    summaries = stages.train_stages(_staged(world_cache), run, devices=jax.devices()[:1])
+    summaries = stages.train_stages(_staged(staged_smoke_config), run, devices=jax.devices()[:1])
     assert [(n, s["finished"]) for n, s in summaries] == [("clip", True), ("tokenizer", True), ("transformer", True)]
     # The tokenizer arrives whole (params and the VQ codebook's EMA statistics) and stays frozen.
     read = lambda stage, step: ocp.StandardCheckpointer().restore(f"{run}/{stage}/checkpoints/{step}/state")  # noqa: E731

@@ -30,6 +30,7 @@ CONFIGS = {
     "configs/gan_int_cls.py": ("tiny", "tiny_char", "published"),
     "configs/dalle.py": ("tokenizer_tiny", "tokenizer_tiny_vq", "tokenizer", "tiny", "12b"),
     "configs/ddpm.py": ("tiny", "published"),
+    "configs/ldm.py": ("tiny", "sd15"),
     "configs/llama.py": (
         "tiny", "llama_7b", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_8b", "tinyllama_1b"
     ),

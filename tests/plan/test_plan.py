@@ -141,7 +141,7 @@ def test_mesh_larger_than_the_process_runs_in_a_child(tmp_path):
     assert "collectives       all-gather" in plan_lib.format_plan(result)
 
 
-@pytest.mark.parametrize("name", ["coca", "show_attend_tell"])
+@pytest.mark.parametrize("name", ["coca", "show_attend_tell", "ddpm", "ldm"])
 def test_image_text_tasks_have_plan_batches(name):
     config = config_lib.load(f"configs/{name}.py:tiny")
     batch = plan_lib.example_batch(config, 4)

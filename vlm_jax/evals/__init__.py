@@ -127,7 +127,7 @@ def build(
             if set(cfg.kinds) != {"generation"}:
                 raise ValueError(f"evaluator {name!r}: generation cannot be combined with {list(cfg.kinds)}")
             out.append(GenerationEvaluator(name, cfg, config, model, tokenizer, mesh, workdir))
-        elif "reconstruction" in cfg.kinds:  # image tokenizers: evals.reconstruction
+        elif "reconstruction" in cfg.kinds:  # image tokenizers and autoencoders: evals.reconstruction
             from vlm_jax.evals.reconstruction import ReconstructionEvaluator
 
             if set(cfg.kinds) != {"reconstruction"}:

@@ -1,14 +1,17 @@
-"""How well an image tokenizer (models.dvae) keeps what is in an image: kind `reconstruction`.
+"""How well a first-stage model keeps what is in an image: kind `reconstruction`.
 
     config.evals.val = dict(kinds=("reconstruction",), split="validation", num_examples=500,
                             batch_size=256, num_png=16)
 
-Each validation image goes through the hard codes, `decode_codes(encode_codes(image))` (what a
-DALL-E transformer reads and writes), and the evaluator reports, over the whole split:
+Two kinds of model: an image tokenizer (models.dvae, with encode_codes / decode_codes): each
+validation image goes through the hard codes, `decode_codes(encode_codes(image))` (what a DALL-E
+transformer reads and writes); a continuous autoencoder (models.autoencoder_kl, with
+`reconstruct`): each image through the posterior mean, `decode(mean)` (what latent diffusion
+decodes). The evaluator reports, over the whole split:
 
 * `val/recon/mse`: mean squared error of the reconstructions in the data normalisation;
-* `val/recon/perplexity`: exp of the entropy of the histogram of all the split's codes, and
-  `val/recon/dead_codes`: how many of the K codes no image of the split uses;
+* tokenizers only: `val/recon/perplexity`: exp of the entropy of the histogram of all the split's
+  codes, and `val/recon/dead_codes`: how many of the K codes no image of the split uses;
 * when the source gives each image's objects (the built-in world): the world scorer
   (`vlm_jax.data.scorer.score`) on the reconstructions, turned back into uint8 pixels, against the
   image's objects: `val/recon/<attribute>_acc` for color, shape, size and position (per image the
@@ -100,19 +103,23 @@ class ReconstructionEvaluator:
     ):
         from vlm_jax.data import pipeline
 
-        for method in ("encode_codes", "decode_codes"):
-            if not hasattr(model, method):
-                raise ValueError(f"evaluator {name!r}: reconstruction needs an image tokenizer with "
-                                 f"{method} (models.dvae), not {type(model).__name__}")
+        codes = all(hasattr(model, m) for m in ("encode_codes", "decode_codes"))
+        if not codes and not hasattr(model, "reconstruct"):
+            raise ValueError(f"evaluator {name!r}: reconstruction needs an image tokenizer with encode_codes "
+                             f"and decode_codes (models.dvae) or an autoencoder with reconstruct "
+                             f"(models.autoencoder_kl), not {type(model).__name__}")
         self.name = name
         self.config = config
-        self.num_codes = int(model.num_codes)
+        self.num_codes = int(model.num_codes) if codes else None  # None: a continuous autoencoder
         self.num_png = int(eval_cfg.get("num_png", 16))
         self.data = pipeline.eval_data(config, eval_cfg.split, eval_cfg.get("num_examples"), tokenizer)
         batch = int(eval_cfg.get("batch_size", 256))
         rules = config.sharding_rules
-        self._encode = BatchedApply(model, "encode_codes", mesh, rules, batch)
-        self._decode = BatchedApply(model, "decode_codes", mesh, rules, batch)
+        if codes:
+            self._encode = BatchedApply(model, "encode_codes", mesh, rules, batch)
+            self._decode = BatchedApply(model, "decode_codes", mesh, rules, batch)
+        else:
+            self._reconstruct = BatchedApply(model, "reconstruct", mesh, rules, batch)
         self.originals = self._to_uint8(self.data["image"])
         self.last_reconstructions: np.ndarray | None = None
 
@@ -121,9 +128,12 @@ class ReconstructionEvaluator:
 
         return denormalise(images, self.config)
 
-    def reconstruct(self, params: Any, model_state: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(codes int32 [N, h, w], reconstructions float32 [N, S, S, 3] in the data normalisation)."""
+    def reconstruct(self, params: Any, model_state: dict | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+        """(codes int32 [N, h, w], or None for a continuous autoencoder; reconstructions float32
+        [N, S, S, 3] in the data normalisation)."""
         model_state = model_state or {}
+        if self.num_codes is None:
+            return None, self._reconstruct(params, model_state, self.data["image"])
         codes = np.rint(self._encode(params, model_state, self.data["image"])).astype(np.int32)
         return codes, self._decode(params, model_state, codes)
 
@@ -131,7 +141,8 @@ class ReconstructionEvaluator:
         """Metrics named '<evaluator>/recon/<metric>' (see the module docstring)."""
         codes, recon = self.reconstruct(params, model_state)
         out = {"mse": float(np.mean(np.square(recon - self.data["image"])))}
-        out.update(codebook_usage(codes, self.num_codes))
+        if codes is not None:
+            out.update(codebook_usage(codes, self.num_codes))
         self.last_reconstructions = self._to_uint8(recon)
         if "objects" in self.data:
             out.update(scene_scores(self.last_reconstructions, self.data["objects"]))

@@ -164,7 +164,7 @@ def check_config(
 
 
 class AutoencoderKL(nn.Module):
-    """Stable Diffusion's VAE; see the module doc. Methods: encode, decode, __call__, kl."""
+    """Stable Diffusion's VAE; see the module doc. Methods: encode, decode, reconstruct, __call__, kl."""
 
     in_channels: int = 3
     out_channels: int = 3
@@ -233,6 +233,11 @@ class AutoencoderKL(nn.Module):
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """images [B, H, W, C] -> decode(the posterior mean): the deterministic round trip (what latent
+        diffusion's decode of an encoded image gives; evals.reconstruction scores it)."""
+        return self.decode(self.encode(x)[0])
 
     def __call__(
         self, x: jax.Array, train: bool = False, sample_rng: jax.Array | None = None

@@ -32,9 +32,9 @@ from vlm_jax.plan.collectives import (
 from vlm_jax.plan.standin import target_attention
 
 # Tasks whose batches are images and their tokenized captions (vlm_jax.data.pipeline).
-IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption", "gan_int_cls", "dalle")
+IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption", "gan_int_cls", "dalle", "diffusion")
 # Tasks whose batches are images alone.
-IMAGE_TASKS = ("image_tokenizer",)
+IMAGE_TASKS = ("image_tokenizer", "autoencoder_kl")
 
 
 def example_batch(config, rows: int, length: int | None = None) -> dict[str, tuple[tuple, Any]]:

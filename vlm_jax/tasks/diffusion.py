@@ -11,7 +11,13 @@ UNet's output at (x_t, t, caption) against `prediction`'s target (eps, x0 or v),
 weighted per example by min-SNR-gamma when min_snr_gamma > 0 (Hang et al. 2023). cond_drop: the
 fraction of captions replaced by the empty caption (every token the pad id) during training, which
 classifier-free guidance needs (Ho & Salimans 2022). Metrics: loss, mse (unweighted), and the mse
-over the low / high half of the timesteps.
+over the low / high half of the timesteps; for latent diffusion also latent_scale.
+
+Latent diffusion with a measured scale (models.text_diffusion: model.latent_scale 0): the loss
+encodes with measure=True and the scale's collection mutable, so the first step sets the scale
+to 1 / std of its batch's posterior means (the whole global batch) and every later step keeps it;
+the updated model state goes back to the trainer, which checkpoints it (an exact resume reads
+the same scale). A first step whose update is not finite keeps the state, so the next one measures.
 
 Drawing (`generate`: the `generation` evaluator and `vlm-jax sample`): from x_T ~ N(0, I), the
 reverse chain of vlm_jax.sampling.diffusion as one jitted loop: sampler "ddpm" (ancestral, every
@@ -36,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.models.diffusion import schedules
+from vlm_jax.models.text_diffusion import STATS
 from vlm_jax.sampling import diffusion as samplers
 from vlm_jax.tasks.base import apply_train
 
@@ -77,7 +84,12 @@ def loss_fn(
         dropped = jax.random.bernoulli(r_drop, drop, (b, 1))
         tokens = jnp.where(dropped, empty_tokens(tokens), tokens)
     variables = {"params": params, **model_state}
-    x0 = model.apply(variables, batch["image"], method=model.encode)
+    if model.measures_latent_scale:
+        x0, stats = model.apply(variables, batch["image"], measure=True, method=model.encode, mutable=[STATS])
+        model_state = {**model_state, **stats}
+        variables = {"params": params, **model_state}
+    else:
+        x0 = model.apply(variables, batch["image"], method=model.encode)
     cond = model.apply(variables, tokens, method=model.condition)
     t = jax.random.randint(r_t, (b,), 0, schedule.num_train_steps)
     noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
@@ -93,6 +105,8 @@ def loss_fn(
         mse_low_t=jnp.sum(per_example * low) / jnp.maximum(low.sum(), 1),
         mse_high_t=jnp.sum(per_example * ~low) / jnp.maximum((~low).sum(), 1),
     )
+    if model.autoencoder is not None:
+        metrics["latent_scale"] = model.apply(variables, method=model.scale)
     return loss, {"metrics": metrics, "model_state": state}
 
 
