@@ -243,16 +243,7 @@ def _attention(t: Tensors, prefix: str, heads: int, qkv_bias: bool) -> dict:
 
 
 def _resnet(t: Tensors, prefix: str) -> dict:
-    out = {
-        "norm1": _norm(t, f"{prefix}.norm1"),
-        "conv1": layouts.conv(t, f"{prefix}.conv1"),
-        "time_emb_proj": layouts.linear(t, f"{prefix}.time_emb_proj"),
-        "norm2": _norm(t, f"{prefix}.norm2"),
-        "conv2": layouts.conv(t, f"{prefix}.conv2"),
-    }
-    if f"{prefix}.conv_shortcut.weight" in t:
-        out["conv_shortcut"] = layouts.conv(t, f"{prefix}.conv_shortcut")
-    return out
+    return layouts.resnet_block(t, prefix, time_embedding=True)
 
 
 def _transformer(t: Tensors, prefix: str, heads: int, depth: int, linear: bool, cross: bool) -> dict:

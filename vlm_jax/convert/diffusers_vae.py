@@ -90,15 +90,7 @@ def model_config(hf: dict[str, Any], shapes: dict[str, tuple[int, ...]] | None =
 
 
 def _resnet(t: Tensors, prefix: str) -> dict:
-    out = {
-        "norm1": layouts.layer_norm(t, f"{prefix}.norm1"),
-        "conv1": layouts.conv(t, f"{prefix}.conv1"),
-        "norm2": layouts.layer_norm(t, f"{prefix}.norm2"),
-        "conv2": layouts.conv(t, f"{prefix}.conv2"),
-    }
-    if f"{prefix}.conv_shortcut.weight" in t:  # the model's own tree decides whether it belongs
-        out["conv_shortcut"] = layouts.conv(t, f"{prefix}.conv_shortcut")
-    return out
+    return layouts.resnet_block(t, prefix, time_embedding=False)
 
 
 def _matrix(t: Tensors, key: str) -> np.ndarray:

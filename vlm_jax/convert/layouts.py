@@ -85,3 +85,16 @@ def encoder_block(
         "ln2": layer_norm(t, p("ln2")),
         "mlp": {"fc1": linear(t, p("fc1")), "fc2": linear(t, p("fc2"))},
     }
+
+
+def resnet_block(t: Tensors, prefix: str, time_embedding: bool) -> dict:
+    """diffusers' ResnetBlock2D -> models.diffusion.blocks.ResnetBlock: norm1, conv1, (time_emb_proj),
+    norm2, conv2 and, when the checkpoint has one, the 1x1 conv_shortcut."""
+    out = {"norm1": layer_norm(t, f"{prefix}.norm1"), "conv1": conv(t, f"{prefix}.conv1")}
+    if time_embedding:
+        out["time_emb_proj"] = linear(t, f"{prefix}.time_emb_proj")
+    out.update(norm2=layer_norm(t, f"{prefix}.norm2"), conv2=conv(t, f"{prefix}.conv2"))
+    if f"{prefix}.conv_shortcut.weight" in t:  # the model's own tree decides whether it belongs
+        out["conv_shortcut"] = conv(t, f"{prefix}.conv_shortcut")
+    return out
+
