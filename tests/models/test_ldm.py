@@ -71,6 +71,10 @@ def test_a_fixed_latent_scale_keeps_no_state():
     np.testing.assert_allclose(x0, 0.5 * raw, rtol=1e-5, atol=1e-5)
 
 
+# -m slow (the default suite's 6-minute budget; 65 s here): tests/models/test_text_diffusion.py's
+# stage smoke test runs the same stages, trainer, diffusion task and sampling in pixel space, and
+# the tests above the measured latent scale.
+@pytest.mark.slow
 def test_stages_train_clip_autoencoder_then_diffusion_and_sample(staged_smoke_config, tmp_path, monkeypatch):
     """configs/ldm.py:tiny's three stages, two steps each of narrow models on the small world: the
     diffusion stage gets the autoencoder whole and the CLIP's text tower, both frozen, measures

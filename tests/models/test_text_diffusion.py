@@ -88,10 +88,6 @@ def test_guided_sampling_is_one_compiled_loop_and_bad_settings_are_errors(tiny):
             DIFFUSION.generate(model, variables, tokens, jax.random.key(0), bad)
 
 
-# -m slow (the default suite's 6-minute budget): tests/models/test_ldm.py's stage smoke test runs
-# the same stages, trainer and sampling path with an autoencoder between, and the tests above run
-# this config's pixel-space encode, loss and sampling.
-@pytest.mark.slow
 def test_stages_train_clip_then_diffusion_and_sample(staged_smoke_config, tmp_path):
     """configs/ddpm.py:tiny's two stages, a few steps of narrow models on the small world: the
     diffusion stage reads the CLIP stage's text tower, frozen, and vlm-jax sample draws from it."""
@@ -122,7 +118,7 @@ def test_stages_train_clip_then_diffusion_and_sample(staged_smoke_config, tmp_pa
 @pytest.mark.slow
 def test_tiny_ddpm_learns_to_draw_the_prompt(tmp_path):
     """The learning run of configs/ddpm.py:tiny as it is, both stages on the full built-in world (its
-    default smoke tests: the ones above, and tests/models/test_ldm.py's stage smoke test): one
+    default smoke test: test_stages_train_clip_then_diffusion_and_sample): one
     DDIM sample per validation prompt gets the main object right far above chance (1/48) and the
     shuffled-prompt floor, held-out pairs included, and guidance beats none."""
     from vlm_jax.train import stages
