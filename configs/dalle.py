@@ -139,7 +139,7 @@ def _tiny_transformer() -> ml_collections.ConfigDict:
             name="dalle", text_vocab=clip.tokenizer.vocab_size, text_len=clip.data.text_length, grid=8,
             width=128, depth=4, heads=4, head_dim=32, mlp_ratio=4.0, mask_pattern="causal", conv_kernel=5,
             pad_id=0, dtype="float32", remat="none", scan_layers=False, code_features="only",
-            text_condition="none", tokenizer=tok.model.to_dict(),
+            text_condition="none", dropout=0.0, tokenizer=tok.model.to_dict(),
         )
     )
     config.data.update(dict(image_size=clip.data.image_size, text_length=clip.data.text_length, batch_size=64))
@@ -170,7 +170,7 @@ def _published_transformer() -> ml_collections.ConfigDict:
         dict(
             name="dalle", text_vocab=16384, text_len=256, grid=32, width=3968, depth=64, heads=62, head_dim=64,
             mlp_ratio=4.0, mask_pattern="dalle", conv_kernel=11, pad_id=0, dtype="bfloat16", remat="full", scan_layers=True,
-            code_features="none", text_condition="none",
+            code_features="none", text_condition="none", dropout=0.0,
             tokenizer=tokenizer_config("tokenizer").model.to_dict(),
         )
     )
