@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import zlib
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +46,19 @@ class Case:
     whole_rows: bool = False  # the kernel's own short-sequence tiles instead of 16x16 ones
 
 
+def _slow(case: Case) -> Any:
+    """A case that only `pytest -m slow` runs: the default suite keeps one case per feature (each of
+    these combines features that the default cases cover)."""
+    return pytest.param(case, marks=pytest.mark.slow, id=case.name)
+
+
 CASES = [
-    Case("plain_cross_odd37x50_f32", 37, 50, 2, 2, 64, jnp.float32),  # no mask but the padded-key tail
+    _slow(Case("plain_cross_odd37x50_f32", 37, 50, 2, 2, 64, jnp.float32)),  # no mask but the padded-key tail
     Case("causal_gqa2_bf16", 48, 48, 4, 2, 64, jnp.bfloat16, causal=True),
-    Case("segments_f16_d32", 32, 32, 2, 2, 32, jnp.float16, segments="shared", batch=2),
+    _slow(Case("segments_f16_d32", 32, 32, 2, 2, 32, jnp.float16, segments="shared", batch=2)),
     Case("causal_segments_odd37_gqa2_d40_f32", 37, 37, 4, 2, 40, jnp.float32, causal=True, segments="shared"),
     Case("mqa_segments_odd50_scale_bf16", 50, 50, 4, 1, 64, jnp.bfloat16, segments="shared", sm_scale=0.3),
-    Case("decode_causal_mqa_bf16", 5, 50, 4, 1, 64, jnp.bfloat16, causal=True),
+    _slow(Case("decode_causal_mqa_bf16", 5, 50, 4, 1, 64, jnp.bfloat16, causal=True)),
     Case("decode_causal_segments_gqa2_f32", 37, 50, 4, 2, 64, jnp.float32, causal=True, segments="cross"),
     # Non-causal cross attention with own kv ids, some queries of a segment absent from kv (rows that
     # attend to nothing: the reference gives them the mean of v), head_dim 80 padded to 128.
@@ -59,12 +66,12 @@ CASES = [
     # One head per program (the long-sequence layout), and head blocks smaller than, equal to and
     # larger than the kv groups. Above, the kernel picks 2 or 4 heads per program for these lengths.
     Case("one_head_causal_gqa2_odd37_bf16", 37, 37, 4, 2, 64, jnp.bfloat16, causal=True, block_h=1),
-    Case("one_head_segments_f32", 32, 32, 2, 2, 32, jnp.float32, segments="shared", block_h=1),
+    _slow(Case("one_head_segments_f32", 32, 32, 2, 2, 32, jnp.float32, segments="shared", block_h=1)),
     Case("heads2_of_gqa4_causal_f32", 40, 40, 8, 2, 64, jnp.float32, causal=True, block_h=2),
-    Case("heads2_eq_gqa2_segments_bf16", 33, 33, 4, 2, 64, jnp.bfloat16, segments="shared", block_h=2),
+    _slow(Case("heads2_eq_gqa2_segments_bf16", 33, 33, 4, 2, 64, jnp.bfloat16, segments="shared", block_h=2)),
     # The short-sequence tiles themselves: whole rows (ViT-like 70 tokens, CLIP-text-like causal 77).
     Case("whole_rows_vit_like_bf16", 70, 70, 4, 4, 64, jnp.bfloat16, batch=2, whole_rows=True),
-    Case("whole_rows_text_causal_gqa2_f32", 77, 77, 4, 2, 32, jnp.float32, causal=True, whole_rows=True),
+    _slow(Case("whole_rows_text_causal_gqa2_f32", 77, 77, 4, 2, 32, jnp.float32, causal=True, whole_rows=True)),
 ]
 
 

@@ -140,22 +140,28 @@ def test_interpreter_poisons_unwritten_output():
     assert np.all(np.isnan(np.asarray(out[8:])))
 
 
+def _slow(case: dict) -> Any:
+    """A case that only `pytest -m slow` runs: the default suite keeps one case per feature (each of
+    these combines features that other default cases cover one or two at a time)."""
+    return pytest.param(case, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize(
     "case",
     [
-        dict(),
-        dict(batch=2, causal=True),
-        dict(batch=2, segments="self"),
+        _slow(dict()),
+        _slow(dict(batch=2, causal=True)),
+        _slow(dict(batch=2, segments="self")),
         # Random order of the "parallel" grid axes: no kernel may depend on it.
         dict(causal=True, segments="self", interpret=pltpu.InterpretParams(random_seed=1)),
-        dict(heads=4, kv_heads=2, causal=True),
+        _slow(dict(heads=4, kv_heads=2, causal=True)),
         dict(heads=4, kv_heads=1, segments="self", sm_scale=0.3),
         dict(q_len=24, kv_len=56, heads=4, kv_heads=2, causal=True),
         dict(q_len=24, kv_len=56, segments="cross", block_q=8, block_k=24),
-        dict(q_len=37, head_dim=80),  # odd length (padded, masked), non-power-of-two head_dim
+        _slow(dict(q_len=37, head_dim=80)),  # odd length (padded, masked), non-power-of-two head_dim
         dict(q_len=37, head_dim=48, causal=True, block_q=32, block_k=8),
         dict(dtype=jnp.bfloat16, causal=True, heads=4, kv_heads=2),
-        dict(dtype=jnp.float16, segments="self", q_len=33),
+        _slow(dict(dtype=jnp.float16, segments="self", q_len=33)),
     ],
     ids=[
         "plain", "causal", "segments", "causal_segments_shuffled", "gqa_causal", "mqa_segments",
@@ -172,15 +178,15 @@ def test_matches_reference(case):
     [
         # Several heads per program (block_h for forward / dq, block_hkv for dk/dv), explicit small
         # blocks so that the programs still walk several q and kv blocks.
-        dict(heads=4, block_h=2, block_hkv=2, causal=True),
+        _slow(dict(heads=4, block_h=2, block_hkv=2, causal=True)),
         dict(heads=4, block_h=4, block_hkv=4, q_len=37, segments="self"),
         dict(heads=8, kv_heads=2, block_h=2, block_hkv=2, causal=True),  # block_h < groups
-        dict(heads=4, kv_heads=2, block_h=2, block_hkv=2, segments="self"),  # block_h == groups
+        _slow(dict(heads=4, kv_heads=2, block_h=2, block_hkv=2, segments="self")),  # block_h == groups
         dict(heads=8, kv_heads=4, block_h=4, block_hkv=2, q_len=37, causal=True),  # block_h > groups
-        dict(q_len=24, kv_len=56, heads=4, kv_heads=2, block_h=4, segments="cross", dtype=jnp.bfloat16),
+        _slow(dict(q_len=24, kv_len=56, heads=4, kv_heads=2, block_h=4, segments="cross", dtype=jnp.bfloat16)),
         # Default blocks and head blocks at short lengths: one tile per sequence, so several heads
         # per program (4 and 4; 8 and 2).
-        dict(q_len=77, heads=4, causal=True, block_q=None, block_k=None),
+        _slow(dict(q_len=77, heads=4, causal=True, block_q=None, block_k=None)),
         dict(q_len=37, heads=8, kv_heads=2, segments="self", block_q=None, block_k=None),
     ],
     ids=[
