@@ -34,7 +34,7 @@ Batches: image f32 [B, S, S, 3] (data-normalised to about [-1, 1]), tokens int32
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -73,12 +73,9 @@ def loss_fn(
 ) -> tuple[jax.Array, dict]:
     """The diffusion loss at one random timestep per example (module docstring)."""
     task = config.task
-    schedule = schedule_of(task)
-    prediction = str(task.get("prediction", "epsilon"))
-    gamma = float(task.get("min_snr_gamma", 0.0)) or None
     tokens = batch["tokens"]
     b = tokens.shape[0]
-    r_drop, r_t, r_noise, r_model = jax.random.split(rng, 4)
+    r_drop = condition_key(rng)
     drop = float(task.get("cond_drop", 0.0))
     if drop > 0:
         dropped = jax.random.bernoulli(r_drop, drop, (b, 1))
@@ -91,23 +88,35 @@ def loss_fn(
     else:
         x0 = model.apply(variables, batch["image"], method=model.encode)
     cond = model.apply(variables, tokens, method=model.condition)
-    t = jax.random.randint(r_t, (b,), 0, schedule.num_train_steps)
-    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
-    x_t = schedules.q_sample(schedule, x0, t, noise)
-    out, state = apply_train(model, params, model_state, x_t, t, cond["context"], cond["pooled"], rng=r_model,
-                             method=model.denoise)
-    loss = schedules.simple_loss(schedule, out, x0, noise, t, prediction, gamma)
-    err = jnp.square(out.astype(jnp.float32) - schedules.target(schedule, x0, noise, t, prediction))
-    per_example = err.reshape(b, -1).mean(axis=1)
-    low = t < schedule.num_train_steps // 2
-    metrics = dict(
-        loss=loss, mse=per_example.mean(),
-        mse_low_t=jnp.sum(per_example * low) / jnp.maximum(low.sum(), 1),
-        mse_high_t=jnp.sum(per_example * ~low) / jnp.maximum((~low).sum(), 1),
-    )
+    loss, metrics, state = denoising_loss(model, params, model_state, x0, cond, rng, task)
     if model.autoencoder is not None:
         metrics["latent_scale"] = model.apply(variables, method=model.scale)
     return loss, {"metrics": metrics, "model_state": state}
+
+
+def condition_key(rng: jax.Array) -> jax.Array:
+    """The piece of a step's key for dropping conditions; denoising_loss draws from the others."""
+    return jax.random.split(rng, 4)[0]
+
+
+def denoising_loss(
+    model: nn.Module, params: Any, model_state: dict, x0: jax.Array, cond: dict, rng: jax.Array,
+    task: ml_collections.ConfigDict,
+) -> tuple[jax.Array, dict, dict]:
+    """The simple loss of any model with text_diffusion's `denoise(x_t, t, context, pooled, train)`
+    at clean x0 [B, ...] under condition `cond` ({"context", "pooled"}): one random timestep per
+    example, the `task.prediction` target, min-SNR weights -> (loss, metrics, updated model_state).
+    Metrics: loss, mse (unweighted) and the mse over the low / high half of the timesteps. rng is
+    the step's key: what drops conditions draws from condition_key(rng), this from the rest."""
+    schedule = schedule_of(task)
+    prediction = str(task.get("prediction", "epsilon"))
+    gamma = float(task.get("min_snr_gamma", 0.0)) or None
+    r_t, r_noise, r_model = jax.random.split(rng, 4)[1:]
+    t, noise, x_t = schedules.training_inputs(schedule, x0, r_t, r_noise)
+    out, state = apply_train(model, params, model_state, x_t, t, cond["context"], cond["pooled"], rng=r_model,
+                             method=model.denoise)
+    loss, metrics = schedules.loss_terms(schedule, out, x0, noise, t, prediction, gamma)
+    return loss, metrics, state
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,33 +170,60 @@ def sample(
 ) -> Any:
     """Diffused samples (before decode) for tokens [B, L] with the sampler, steps and guidance that
     `task` names (module docstring); with return_trajectory also each step's x."""
-    sampler = str(task.get("sampler", "ddim"))
-    if sampler not in SAMPLERS:
-        raise ValueError(f"diffusion: task.sampler {sampler!r}: choose one of {SAMPLERS}")
+    tokens = jnp.asarray(tokens)
+    shape = sample_shape(model, ml_collections.ConfigDict({"data": data_config}), tokens.shape[0])
+    cond = _condition(model, variables, tokens)
+    null = lambda: _condition(model, variables, empty_tokens(tokens[:1]))  # noqa: E731
+    return sample_conditioned(model, variables, cond, null, shape, rng, task, x_init=x_init,
+                              return_trajectory=return_trajectory)
+
+
+def sample_conditioned(
+    model: nn.Module, variables: dict, cond: dict, null: Callable[[], dict], shape: tuple[int, ...],
+    rng: jax.Array, task: ml_collections.ConfigDict, *, x_init: jax.Array | None = None,
+    return_trajectory: bool = False,
+) -> Any:
+    """`sample` for any model with text_diffusion's `denoise(x_t, t, context, pooled)`, given its
+    condition `cond` ({"context", "pooled"} for the batch) and `null()`, the unconditional one (one
+    row, broadcast; only called when guidance needs it): the sampler, steps and guidance of `task`."""
     w = float(task.get("guidance", 1.0))
     samplers.check_guidance(w)
-    steps = int(task.get("sample_steps", 50))
-    clip = float(task.get("clip_sample", 0.0)) or None
-    schedule = schedule_of(task)
-    shape = sample_shape(model, ml_collections.ConfigDict({"data": data_config}), tokens.shape[0])
-    cond = _condition(model, variables, jnp.asarray(tokens))
-    common = dict(prediction=str(task.get("prediction", "epsilon")), clip_sample=clip, x_init=x_init,
-                  return_trajectory=return_trajectory)
     if w == 1.0:
         fn, args, guidance = _net(model), (cond, variables), None
     else:
-        null = _condition(model, variables, empty_tokens(jnp.asarray(tokens[:1])))
-        fn, args, guidance = _guided_net(model), (cond, null, variables), w
+        fn, args, guidance = _guided_net(model), (cond, null(), variables), w
+    return run_sampler(fn, shape, rng, task, guidance=guidance, args=args, x_init=x_init,
+                       return_trajectory=return_trajectory, prediction=str(task.get("prediction", "epsilon")),
+                       clip_sample=float(task.get("clip_sample", 0.0)) or None)
+
+
+def run_sampler(
+    fn: Callable[..., Any], shape: tuple[int, ...], rng: jax.Array, task: ml_collections.ConfigDict, *,
+    prediction: str, clip_sample: float | None, guidance: float | None = None, args: tuple = (),
+    x_init: jax.Array | None = None, return_trajectory: bool = False, default_steps: int = 50,
+    who: str = "diffusion",
+) -> Any:
+    """The reverse chain that `task` names, for any denoiser fn(x_t, t, *args) (with guidance w: a
+    pair function, vlm_jax.sampling.diffusion's): task.sampler "ddpm" (ancestral; sample_steps of
+    the training steps, 0: all) or "ddim" (sample_steps >= 1, eta, spacing, steps_offset, prev_rule,
+    set_alpha_to_one), on the schedule of task (schedule_of), one jitted loop. Every diffusion task
+    here (text-to-image, the unCLIP prior and decoder, the upsamplers) draws through this; `who`
+    names the task in errors (ValueError for an unknown sampler or a bad step count)."""
+    sampler = str(task.get("sampler", "ddim"))
+    if sampler not in SAMPLERS:
+        raise ValueError(f"{who}: task.sampler {sampler!r}: choose one of {SAMPLERS}")
+    steps = int(task.get("sample_steps", default_steps))
+    if steps < 0 or (sampler == "ddim" and steps < 1):
+        need = "DDIM needs task.sample_steps >= 1" if sampler == "ddim" else "task.sample_steps must be >= 0"
+        raise ValueError(f"{who}: {need}, got {steps}")
+    common = dict(prediction=prediction, clip_sample=clip_sample, x_init=x_init, return_trajectory=return_trajectory,
+                  guidance=guidance, args=args, spacing=str(task.get("spacing", "leading")))
     if sampler == "ddpm":
-        return samplers.sample_ddpm(fn, schedule, shape, rng, guidance=guidance, args=args,
-                                    num_steps=steps if steps > 0 else None, **common)
-    if steps < 1:
-        raise ValueError(f"diffusion: DDIM needs task.sample_steps >= 1, got {steps}")
+        return samplers.sample_ddpm(fn, schedule_of(task), shape, rng, num_steps=steps or None, **common)
     return samplers.sample_ddim(
-        fn, schedule, shape, rng, steps, float(task.get("eta", 0.0)), guidance=guidance, args=args,
-        spacing=str(task.get("spacing", "leading")), steps_offset=int(task.get("steps_offset", 0)),
-        prev_rule=str(task.get("prev_rule", "next")), set_alpha_to_one=bool(task.get("set_alpha_to_one", True)),
-        **common)
+        fn, schedule_of(task), shape, rng, steps, float(task.get("eta", 0.0)),
+        steps_offset=int(task.get("steps_offset", 0)), prev_rule=str(task.get("prev_rule", "next")),
+        set_alpha_to_one=bool(task.get("set_alpha_to_one", True)), **common)
 
 
 def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array, config: Any) -> jax.Array:

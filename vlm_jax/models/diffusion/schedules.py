@@ -27,7 +27,7 @@ and `to_x0_and_eps` inverts each back to (x_0, eps) given x_t. The simple loss i
 error to the target; min-SNR-gamma (Hang et al. 2023) weights each example's loss by
 min(snr_t, gamma) / snr_t expressed in x_0-space units, i.e. per parameterisation
     epsilon: min(snr, gamma) / snr     sample: min(snr, gamma)     v: min(snr, gamma) / (snr + 1)
-(`loss_weights`, `simple_loss`).
+(`loss_weights`, `simple_loss`; `loss_terms` adds its metrics, `training_inputs` draws t, noise and x_t).
 
 Shapes: arrays of the schedule are float32 [T]; t is an int scalar or int [B]; data x is
 [B, ...] (images NHWC [B, H, W, C]) and per-timestep coefficients broadcast over its trailing dims.
@@ -214,6 +214,37 @@ def simple_loss(
     """Scalar: mean over the batch of loss_weights[b] * mean over the rest of (model_out - target)^2,
     with model_out, x0, noise [B, ...] (model_out the network's output at q_sample(x0, t, noise)) and
     t int [B]."""
+    return loss_terms(schedule, model_out, x0, noise, t, prediction, min_snr_gamma)[0]
+
+
+def training_inputs(
+    schedule: Schedule, x0: jax.Array, rng_t: jax.Array, rng_noise: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a denoiser trains on at clean x0 [B, ...]: (t int32 [B] ~ U{0, ..., T-1} from rng_t,
+    noise [B, ...] ~ N(0, I) float32 from rng_noise, x_t = q_sample(x0, t, noise))."""
+    t = jax.random.randint(rng_t, (x0.shape[0],), 0, schedule.num_train_steps)
+    noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
+    return t, noise, q_sample(schedule, x0, t, noise)
+
+
+def loss_terms(
+    schedule: Schedule,
+    model_out: jax.Array,
+    x0: jax.Array,
+    noise: jax.Array,
+    t: jax.Array,
+    prediction: str,
+    min_snr_gamma: float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(simple_loss, metrics) for the same inputs; metrics: loss, mse (the unweighted mean squared
+    error to the target), mse_low_t / mse_high_t (that mse over the examples with t below / at or
+    above T // 2; 0 when there are none)."""
     err = jnp.square(model_out.astype(jnp.float32) - target(schedule, x0, noise, t, prediction))
     per_example = err.reshape(err.shape[0], -1).mean(axis=1)
-    return jnp.mean(loss_weights(schedule, t, prediction, min_snr_gamma) * per_example)
+    loss = jnp.mean(loss_weights(schedule, t, prediction, min_snr_gamma) * per_example)
+    low = jnp.asarray(t) < schedule.num_train_steps // 2
+    return loss, dict(
+        loss=loss, mse=per_example.mean(),
+        mse_low_t=jnp.sum(per_example * low) / jnp.maximum(low.sum(), 1),
+        mse_high_t=jnp.sum(per_example * ~low) / jnp.maximum((~low).sum(), 1),
+    )
