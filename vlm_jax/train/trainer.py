@@ -178,10 +178,37 @@ def _mapped(source: str, mapping: dict[str, str], abstract: Any, key: str = "par
     out = {}
     for ours, theirs in mapping.items():
         if theirs == ".":
-            out[ours] = restore_params(source, abstract[ours], key=key)
+            out[ours] = _whole_params(source, abstract[ours]) if key == "params" else restore_params(
+                source, abstract[ours], key=key)
         else:
             out[ours] = restore_params(source, {theirs: abstract[ours]}, key=key)[theirs]
     return out
+
+
+def _whole_params(source: str, abstract: Any) -> Any:
+    """A run's whole params tree. A run with frozen params (optim.trainable, LoRA) checkpoints only
+    the trained ones; the frozen ones come from its own init_from / init_also, as when it resumes
+    (recursively: e.g. a diffusion upsampler's base, a diffusion run whose text tower came from a
+    CLIP run). ValueError for frozen params that came from the run's seed (in no checkpoint)."""
+    from vlm_jax import config as config_lib
+    from vlm_jax.train.checkpoint import restore_params
+
+    path = os.path.join(source, "config.json")
+    if not os.path.isfile(path):
+        return restore_params(source, abstract)
+    with open(path) as f:
+        theirs = config_lib.from_json(f.read())
+    trainable = optim.trainable_fn(theirs) if "optim" in theirs else None
+    if trainable is None or not os.path.isdir(os.path.join(source, "checkpoints")):
+        return restore_params(source, abstract)
+    stored = restore_params(source, lora.subset(abstract, trainable(abstract)))
+    params = lora.overlay(initial_params(theirs, abstract, abstract), stored)
+    unset = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if unset:
+        raise ValueError(f"init_from {source!r}: its frozen params {unset[:5]} came from its seed, not from a "
+                         "checkpoint, so they cannot be loaded from it")
+    return params
 
 
 def init_also(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, str]]]:
