@@ -4,7 +4,8 @@
 
 reports `val/zero_shot_top1`, `val/i2t_r1`, ... Kinds: zero_shot, retrieval (image-text models with
 encode_image/encode_text), accuracy (classifiers), exact_match (instruction following, on its
-own: evals.instruct) and generation (text-to-image, on its own: evals.generation).
+own: evals.instruct), generation (text-to-image, on its own: evals.generation) and prior (a diffusion
+prior's sampled CLIP embeddings, on its own: evals.prior).
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ def build(
             if set(cfg.kinds) != {"generation"}:
                 raise ValueError(f"evaluator {name!r}: generation cannot be combined with {list(cfg.kinds)}")
             out.append(GenerationEvaluator(name, cfg, config, model, tokenizer, mesh, workdir))
+        elif "prior" in cfg.kinds:  # a diffusion prior's sampled CLIP embeddings: evals.prior
+            from vlm_jax.evals.prior import PriorEvaluator
+
+            if set(cfg.kinds) != {"prior"}:
+                raise ValueError(f"evaluator {name!r}: prior cannot be combined with {list(cfg.kinds)}")
+            out.append(PriorEvaluator(name, cfg, config, model, tokenizer, mesh))
         elif "reconstruction" in cfg.kinds:  # image tokenizers and autoencoders: evals.reconstruction
             from vlm_jax.evals.reconstruction import ReconstructionEvaluator
 
