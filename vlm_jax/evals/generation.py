@@ -21,7 +21,8 @@ under '<eval>/':
     ..._heldout, ..._seen   each of these over the prompts with a held-out / a training main pair
 
 for the first sample of each prompt, and the same under gen/real/ for the real images of the
-prompts (the ceiling: what the scorer reads from the truth) and gen/shuffled/ for the first sample
+prompts (the ceiling: what the scorer reads from the truth, at the size the task draws:
+sampling.draw.output_size) and gen/shuffled/ for the first sample
 of the next prompt (prompt i judged on the image drawn for prompt i + 1 mod P: the floor, about
 chance). With a CLIP (`clip_workdir`: a run's folder, or "stage:<name>" for a stage of the current
 run of stages; evals.clip_judge): gen/clip_score (100 * max(cos, 0) between the CLIP embeddings of
@@ -62,6 +63,16 @@ log = logging.getLogger(__name__)
 JUDGED = ("color", "shape", "size", "position")
 MAIN = ("color", "shape")  # what the main object must get right for main_acc
 METRICS = ("main_acc", "all_acc") + tuple(f"{a}_acc" for a in JUDGED)
+
+
+def resized(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images [N, S, S, 3] at side `size` (box filter; unchanged when S is already size): the
+    real images at the resolution the task draws, for a like-for-like ceiling and Fréchet distance."""
+    if images.shape[1] == size:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BOX)) for im in images])
 
 
 def pick_prompt(captions: list[str], index: int) -> str:
@@ -144,7 +155,7 @@ class GenerationEvaluator:
         held = self.data.get("held_out")
         self.held_out = np.asarray(held, bool) if held is not None else np.zeros(len(self.prompts), bool)
         self.tokens = draw.prompt_tokens(tokenizer, self.prompts, int(config.data.text_length))
-        real = denormalise(self.data["image"], config)
+        real = resized(denormalise(self.data["image"], config), draw.output_size(self.task, config))
         self.real = _prefixed("gen/real/", summarise([judge(im, p) for im, p in zip(real, self.parsed)], self.held_out))
         self.clip = clip if clip is not None else clip_judge.judge_from_config(eval_cfg, workdir, mesh)
         if self.clip is None:

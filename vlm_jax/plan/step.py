@@ -32,7 +32,8 @@ from vlm_jax.plan.collectives import (
 from vlm_jax.plan.standin import target_attention
 
 # Tasks whose batches are images and their tokenized captions (vlm_jax.data.pipeline).
-IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption", "gan_int_cls", "dalle", "diffusion")
+IMAGE_TEXT_TASKS = ("contrastive", "coca", "caption", "gan_int_cls", "dalle", "diffusion", "diffusion_prior",
+                    "unclip_decoder", "diffusion_upsample")
 # Tasks whose batches are images alone.
 IMAGE_TASKS = ("image_tokenizer", "autoencoder_kl")
 

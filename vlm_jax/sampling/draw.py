@@ -90,13 +90,21 @@ def prompt_tokens(tokenizer: Any, prompts: Sequence[str], length: int) -> np.nda
     return np.asarray(tokens, np.int32)
 
 
+def output_size(task: ModuleType, config: ml_collections.ConfigDict) -> int:
+    """The side of the images task.generate draws: task.output_size(config) where the task defines
+    it (the unCLIP decoder draws below data.image_size), else config.data.image_size."""
+    own = getattr(task, "output_size", None)
+    return int(own(config)) if own is not None else int(config.data.image_size)
+
+
 def generate_images(
     task: ModuleType, model: Any, variables: dict, tokens: np.ndarray, rng: jax.Array,
     config: ml_collections.ConfigDict, batch_size: int,
 ) -> np.ndarray:
     """task.generate over tokens int32 [B, L] in batches of batch_size rows (batch i gets
-    fold_in(rng, i); the last batch padded with copies of its last row) -> uint8 [B, S, S, 3]."""
-    size = int(config.data.image_size)
+    fold_in(rng, i); the last batch padded with copies of its last row) -> uint8 [B, S, S, 3] (S:
+    output_size)."""
+    size = output_size(task, config)
     batch_size = max(1, min(int(batch_size), len(tokens)))
     out = []
     for i, start in enumerate(range(0, len(tokens), batch_size)):
@@ -108,7 +116,7 @@ def generate_images(
         if images.shape != (batch_size, size, size, 3):
             raise ValueError(
                 f"{task.__name__}.generate gave images of shape {images.shape} for {batch_size} prompts; "
-                f"expected {(batch_size, size, size, 3)} (config.data.image_size {size})"
+                f"expected {(batch_size, size, size, 3)} (the task's output size {size})"
             )
         out.append(denormalise(images[:rows], config))
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
