@@ -139,6 +139,7 @@ _LONGEST_FIRST = (
     "tests/models/test_dalle.py",
     "tests/models/test_text_diffusion.py",
     "tests/models/test_ldm.py",
+    "tests/models/test_unclip_decoder.py",
     "tests/kernels/",
     "tests/tasks/test_image_tokenizer.py",
     "tests/sampling/",

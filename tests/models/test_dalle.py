@@ -23,7 +23,8 @@ _TOKENIZER = dict(name="dvae", kind="dvae", num_codes=16, hidden=8, channel_mult
 
 
 def _model(**overrides):
-    cfg = dict(name="dalle", text_vocab=50, text_len=6, grid=4, width=32, depth=4, heads=2, head_dim=16,
+    # Three layers: row, column, conv (the "dalle" pattern), one of each mask kind.
+    cfg = dict(name="dalle", text_vocab=50, text_len=6, grid=4, width=32, depth=3, heads=2, head_dim=16,
                conv_kernel=3, tokenizer=_TOKENIZER)
     cfg.update(overrides)
     return models.build(ml_collections.ConfigDict(cfg))
@@ -58,7 +59,7 @@ def test_stream_has_a_pad_per_position_and_the_logits_span_it():
     variables = _init(model, images, tokens)
     assert set(variables["params"]) == {
         "tokenizer", "embed", "text_pos", "row_pos", "col_pos", "transformer", "final_norm", "head"}
-    assert set(variables["params"]["transformer"]) == {f"layers_{i}" for i in range(4)}
+    assert set(variables["params"]["transformer"]) == {f"layers_{i}" for i in range(3)}
     out = jax.jit(model.apply)(variables, images, tokens)
     ids = np.asarray(out["ids"])
     # Text as given, each pad the id of its own position (50 + p), then the codes after 50 + 6.
