@@ -79,7 +79,11 @@ def test_the_converted_pipeline_draws_what_diffusers_draws(folder):
     root, torch_parts = folder
     parts = convert.from_diffusers(str(root))
     assert set(parts) == {"unet", "vae", "text_encoder", "scheduler"}
-    config, params = convert.pipeline_config(parts)
+    from transformers import CLIPTokenizer
+
+    from vlm_jax.data.clip_bpe import ClipTokenizer
+
+    config, params = convert.pipeline_config(parts, tokenizer=ClipTokenizer.load(str(root / "tokenizer")))
     model = models.build(config)
     with config.unlocked():
         config.task.update(dict(sample_steps=3, guidance=4.0))
@@ -88,14 +92,16 @@ def test_the_converted_pipeline_draws_what_diffusers_draws(folder):
 
     with torch.no_grad():
         embeds = torch_parts["text"](torch.from_numpy(tokens).long())[0]
-        null = torch_parts["text"](torch.zeros_like(torch.from_numpy(tokens)).long())[0]
         pipe = diffusers.StableDiffusionPipeline(
-            vae=torch_parts["vae"], text_encoder=torch_parts["text"], tokenizer=None, unet=torch_parts["unet"],
+            vae=torch_parts["vae"], text_encoder=torch_parts["text"], unet=torch_parts["unet"],
+            tokenizer=CLIPTokenizer.from_pretrained(str(root / "tokenizer"), model_max_length=LENGTH),
             scheduler=torch_parts["scheduler"], safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
-        theirs = pipe(prompt_embeds=embeds, negative_prompt_embeds=null, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
+        # The unconditional half from diffusers' own encoding of the negative prompt "".
+        theirs = pipe(prompt_embeds=embeds, latents=torch.from_numpy(latents).permute(0, 3, 1, 2),
                       num_inference_steps=3, guidance_scale=4.0, output_type="np", height=16, width=16).images
+    assert config.task.null_tokens[:2] == [VOCAB - 2, VOCAB - 1]
     variables = {"params": params}
     x0 = tasks.get("diffusion").sample(model, variables, jnp.asarray(tokens), jax.random.key(0), config.task,
                                        data_config=config.data, x_init=jnp.asarray(latents))

@@ -111,10 +111,13 @@ def scheduler_task(scheduler: ml_collections.ConfigDict) -> ml_collections.Confi
     ))
 
 
-def pipeline_config(parts: dict[str, Any]) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+def pipeline_config(parts: dict[str, Any], tokenizer: Any = None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
     """from_diffusers' parts -> (a `text_diffusion` run config, its params {unet, text, autoencoder}):
     latent diffusion at the VAE's scaling factor, the text encoder's last hidden states as the
-    cross-attention context (no pooled embedding), and the scheduler's settings."""
+    cross-attention context (no pooled embedding), and the scheduler's settings. With the folder's
+    tokenizer (anything with tokenize(texts, length), e.g. data.clip_bpe.ClipTokenizer), guidance's
+    unconditional caption is the empty prompt as it writes it (task.null_tokens: [bos, eos, pad,
+    ...], diffusers' negative prompt ""), not a row of id 0."""
     from vlm_jax.config_defaults import base_config, default_mesh_and_rules
 
     (unet_cfg, unet_params), (vae_cfg, vae_params) = parts["unet"], parts["vae"]
@@ -133,6 +136,8 @@ def pipeline_config(parts: dict[str, Any]) -> tuple[ml_collections.ConfigDict, d
         embed_dim=0, context_dim=0, latent_scale=float(vae_cfg.get("scaling_factor", 0.18215)),
     ))
     config.task = scheduler_task(parts["scheduler"])
+    if tokenizer is not None:
+        config.task.null_tokens = [int(i) for i in tokenizer.tokenize([""], int(text_cfg.context_length))[0]]
     f = 2 ** (len(vae_cfg.block_out_channels) - 1)
     config.data.image_size = int(unet_cfg.get("sample_size") or 64) * f
     config.data.text_length = int(text_cfg.context_length)

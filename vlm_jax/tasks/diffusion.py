@@ -9,7 +9,8 @@ Loss (Ho et al. 2020, the "simple" objective): x0 = model.encode(images) (pixels
 latents), t ~ U{0, ..., T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the
 UNet's output at (x_t, t, caption) against `prediction`'s target (eps, x0 or v), mean squared,
 weighted per example by min-SNR-gamma when min_snr_gamma > 0 (Hang et al. 2023). cond_drop: the
-fraction of captions replaced by the empty caption (every token the pad id) during training, which
+fraction of captions replaced by the empty caption (every token the pad id; task.null_tokens: the
+ids of the empty prompt as the run's tokenizer writes it, see null_tokens) during training, which
 classifier-free guidance needs (Ho & Salimans 2022). Metrics: loss, mse (unweighted), and the mse
 over the low / high half of the timesteps; for latent diffusion also latent_scale.
 
@@ -67,6 +68,21 @@ def empty_tokens(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     return jnp.full_like(tokens, pad_id)
 
 
+def null_tokens(tokens: jax.Array, task: ml_collections.ConfigDict) -> jax.Array:
+    """The unconditional caption in tokens' shape [..., L]: task.null_tokens, the ids of the empty
+    prompt as the run's tokenizer writes it (a converted Stable Diffusion: [bos, eos, pad, ...],
+    what diffusers encodes for its negative prompt ""; a shorter list is padded with 0), else
+    every token the pad id 0 (empty_tokens: the runs trained here)."""
+    ids = tuple(int(i) for i in (task.get("null_tokens") or ()))
+    if not ids:
+        return empty_tokens(tokens)
+    length = tokens.shape[-1]
+    if len(ids) > length:
+        raise ValueError(f"diffusion: task.null_tokens has {len(ids)} ids, the captions {length}")
+    row = jnp.zeros((length,), tokens.dtype).at[: len(ids)].set(jnp.asarray(ids, tokens.dtype))
+    return jnp.broadcast_to(row, tokens.shape)
+
+
 def loss_fn(
     model: nn.Module, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
     config: ml_collections.ConfigDict, model_state: dict,
@@ -79,7 +95,7 @@ def loss_fn(
     drop = float(task.get("cond_drop", 0.0))
     if drop > 0:
         dropped = jax.random.bernoulli(r_drop, drop, (b, 1))
-        tokens = jnp.where(dropped, empty_tokens(tokens), tokens)
+        tokens = jnp.where(dropped, null_tokens(tokens, task), tokens)
     variables = {"params": params, **model_state}
     if model.measures_latent_scale:
         x0, stats = model.apply(variables, batch["image"], measure=True, method=model.encode, mutable=[STATS])
@@ -173,7 +189,7 @@ def sample(
     tokens = jnp.asarray(tokens)
     shape = sample_shape(model, ml_collections.ConfigDict({"data": data_config}), tokens.shape[0])
     cond = _condition(model, variables, tokens)
-    null = lambda: _condition(model, variables, empty_tokens(tokens[:1]))  # noqa: E731
+    null = lambda: _condition(model, variables, null_tokens(tokens[:1], task))  # noqa: E731
     return sample_conditioned(model, variables, cond, null, shape, rng, task, x_init=x_init,
                               return_trajectory=return_trajectory)
 
