@@ -78,7 +78,7 @@ def _load_params(config: ml_collections.ConfigDict, model: Any, workdir: str, st
     from vlm_jax.layers import lora
     from vlm_jax.train.checkpoint import restore_params
     from vlm_jax.train.optim import trainable_fn
-    from vlm_jax.train.trainer import initial_params
+    from vlm_jax.train.trainer import complete_params
 
     inputs = init_inputs(config)
 
@@ -97,8 +97,8 @@ def _load_params(config: ml_collections.ConfigDict, model: Any, workdir: str, st
     else:
         stored = restore_params(workdir, lora.subset(abstract, trainable(abstract)), step=step)
         init_rng = jax.random.split(jax.random.PRNGKey(config.seed))[0]  # the trainer's
-        fresh = initial_params(config, jax.jit(lambda r: init(r)["params"], out_shardings=sharding)(init_rng), abstract)
-        params = lora.overlay(fresh, stored)
+        params = complete_params(
+            config, abstract, stored, fresh=lambda: jax.jit(lambda r: init(r)["params"], out_shardings=sharding)(init_rng))
     if not state:
         return params
     return {"params": params, **restore_params(workdir, state, step=step, key="model_state")}

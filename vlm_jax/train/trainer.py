@@ -202,13 +202,38 @@ def _whole_params(source: str, abstract: Any) -> Any:
     if trainable is None or not os.path.isdir(os.path.join(source, "checkpoints")):
         return restore_params(source, abstract)
     stored = restore_params(source, lora.subset(abstract, trainable(abstract)))
-    params = lora.overlay(initial_params(theirs, abstract, abstract), stored)
-    unset = [jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-             if isinstance(leaf, jax.ShapeDtypeStruct)]
-    if unset:
-        raise ValueError(f"init_from {source!r}: its frozen params {unset[:5]} came from its seed, not from a "
-                         "checkpoint, so they cannot be loaded from it")
-    return params
+    try:
+        return complete_params(theirs, abstract, stored)
+    except FrozenFromSeedError as e:
+        raise ValueError(f"init_from {source!r}: its frozen params {e.paths[:5]} came from its seed, not from a "
+                         "checkpoint, so they cannot be loaded from it") from e
+
+
+class FrozenFromSeedError(ValueError):
+    """complete_params without `fresh`: some frozen params came from the run's seed."""
+
+    def __init__(self, paths: list[str]):
+        super().__init__(f"frozen params from the seed, in no checkpoint: {paths[:5]}")
+        self.paths = paths
+
+
+def complete_params(config: ml_collections.ConfigDict, abstract: Any, stored: Any,
+                    fresh: Any = None) -> Any:
+    """The whole params of a run whose checkpoint holds only its trained ones (`stored`, a subset of
+    `abstract`, the model's ShapeDtypeStruct tree): the frozen ones from the run's own init_from /
+    init_also sources (as when it resumes), and only those that came from its seed from fresh()
+    (the seed's init, the trainer's rng), so a model whose frozen parts all come from checkpoints
+    (a LLaVA's LLM, an upsampler's base) is never randomly initialised first.
+    FrozenFromSeedError when some are left and fresh is None."""
+    params = lora.overlay(initial_params(config, abstract, abstract), stored)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    unset = [jax.tree_util.keystr(p) for p, leaf in leaves if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if not unset:
+        return params
+    if fresh is None:
+        raise FrozenFromSeedError(unset)
+    new = fresh()
+    return jax.tree.map(lambda p, f: f if isinstance(p, jax.ShapeDtypeStruct) else p, params, new)
 
 
 def init_also(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, str]]]:
