@@ -150,7 +150,13 @@ def cmd_sample(args, overrides) -> int:
     from vlm_jax.sampling import sample
 
     workdir, config = _run_dir(args, overrides)
+    from vlm_jax.sampling import draw
+
+    if args.image and draw.has_generate(config):  # unCLIP: variations of an image, or between two
+        return _sample_from_images(args, workdir, config)
     if args.image:
+        if len(args.image) != 1:
+            raise config_lib.ConfigError(f"a captioning run captions one --image, got {len(args.image)}")
         from vlm_jax.sampling import caption
 
         from vlm_jax import models
@@ -158,15 +164,13 @@ def cmd_sample(args, overrides) -> int:
 
         png = args.attention_png  # asked for: an error if the model has no attention over the image
         if png is None and attention.has_image_attention(models.build(config)):
-            stem = os.path.splitext(os.path.basename(args.image))[0]
+            stem = os.path.splitext(os.path.basename(args.image[0]))[0]
             png = os.path.join(workdir, f"attention_{stem}.png")
         caption.caption_image(
-            workdir, args.image, config=config, method=args.method, beam_size=args.beam_size,
+            workdir, args.image[0], config=config, method=args.method, beam_size=args.beam_size,
             max_new_tokens=args.max_new_tokens, step=args.step, out=sys.stdout, attention_png=png or None,
         )
         return 0
-    from vlm_jax.sampling import draw
-
     if draw.has_generate(config):  # a text-to-image run
         return _sample_images(args, workdir, config)
     if args.prompt is None:
@@ -216,6 +220,22 @@ def _sample_images(args, workdir, config) -> int:
     return 0
 
 
+def _sample_from_images(args, workdir, config) -> int:
+    """unCLIP's image path of `sample`: -n variations of one --image, or --interpolate STEPS
+    between two, every stage's grid written (sampling.images.run_image_variations)."""
+    from vlm_jax.sampling import images
+
+    if args.prompt is not None or args.rerank:
+        raise config_lib.ConfigError("--image draws from an image's CLIP embedding: no --prompt or --rerank with it")
+    try:
+        path = images.run_image_variations(workdir, args.image, config=config, num=args.num,
+                                           interpolate=args.interpolate, out=args.out, seed=args.seed, step=args.step)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_data(args, overrides) -> int:
     from vlm_jax.data import preview
 
@@ -233,9 +253,14 @@ def cmd_convert(args, overrides) -> int:
     del overrides
     out = local_dir(args.out, "--out")
     if args.from_diffusers:
-        config, params = convert.pipeline_config(convert.from_diffusers(args.from_diffusers))
         tokenizer = os.path.join(args.from_diffusers, "tokenizer")
+        bpe = None
         if os.path.isdir(tokenizer):  # the prompt's tokenizer travels with the weights
+            from vlm_jax.data.clip_bpe import ClipTokenizer
+
+            bpe = ClipTokenizer.load(tokenizer)
+        config, params = convert.pipeline_config(convert.from_diffusers(args.from_diffusers), tokenizer=bpe)
+        if bpe is not None:
             shutil.copytree(tokenizer, os.path.join(out, "tokenizer"), dirs_exist_ok=True)
             config.tokenizer.path = os.path.abspath(os.path.join(out, "tokenizer"))
         else:
@@ -301,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-to-image runs: draw N per prompt, show the -n best by a CLIP's score [0: off]")
     p.add_argument("--clip-workdir", dest="clip_workdir", default=None,
                    help="with --rerank: the CLIP run that judges [the run's evaluator's clip_workdir]")
-    p.add_argument("--image", default=None, help="an image file to caption (captioning runs)")
+    p.add_argument("--image", default=None, nargs="+",
+                   help="an image file to caption (captioning runs); unCLIP runs: -n variations of one "
+                        "image, or two images with --interpolate STEPS")
     p.add_argument("--attention-png", default=None,
                    help="with --image: where to write the per-word attention figure "
                         "[<workdir>/attention_<image>.png; '' for none]")

@@ -75,4 +75,15 @@ def test_stages_train_and_sample_through_the_whole_chain(staged_smoke_config, tm
     assert np.isfinite(summaries[2][1]["train"]["train/loss"]) and "train/bilinear_mse" in summaries[3][1]["train"]
     grid = tmp_path / "grid.png"
     assert cli.main(["sample", "--workdir", run, "--prompt", "a red circle.", "-n", "2", "--out", str(grid)]) == 0
-    assert Image.open(grid).size[0] >= 2 * 64  # two 64x64 images in a row: the last upsampler's size
+    grids = [np.asarray(Image.open(p)) for p in (tmp_path / "grid_stage0.png", tmp_path / "grid_stage1.png", grid)]
+    assert grids[2].shape[1] >= 2 * 64  # two 64x64 images in a row: the last upsampler's size
+    assert not np.array_equal(grids[0], grids[1]) and not np.array_equal(grids[1], grids[2])  # a grid per stage
+    scene = tmp_path / "scene.png"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(scene)
+    out = tmp_path / "var.png"
+    assert cli.main(["sample", "--workdir", run, "--image", str(scene), "-n", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 3 * 64 and (tmp_path / "var_stage0.png").exists()
+    out = tmp_path / "interp.png"
+    assert cli.main(["sample", "--workdir", run, "--image", str(scene), str(scene), "--interpolate", "3",
+                     "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 3 * 64

@@ -35,7 +35,7 @@ def _config(image_tokens: int = 2) -> ml_collections.ConfigDict:
                   cond_drop=0.5, embed_drop=0.1, sampler="ddim", sample_steps=3, guidance=2.0, clip_sample=1.0,
                   prior=dict(name="diffusion_prior", schedule="cosine", num_train_steps=100, sampler="ddim",
                              sample_steps=2, guidance=1.0, best_of=2)),
-        data=dict(image_size=32),
+        data=dict(image_size=32, text_length=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     ))
 
 
@@ -135,7 +135,7 @@ def test_generate_draws_from_the_prior_then_the_decoder_in_one_compiled_loop(tin
 
 def test_variations_and_interpolation(tiny):
     config, model, variables, images, _ = tiny
-    var = DECODER.variations(model, variables, images[0], 3, jax.random.key(0), config, text_length=20)
+    var = DECODER.variations(model, variables, images[0], 3, jax.random.key(0), config)
     assert var.shape == (3, 16, 16, 3)
     assert np.abs(np.asarray(var[0] - var[1])).max() > 1e-4  # different noise per variation
     a, b = jnp.ones(E) * 2.0, jnp.zeros(E).at[0].set(jnp.sqrt(4.0 * E))
@@ -146,10 +146,14 @@ def test_variations_and_interpolation(tiny):
     cos = lambda u, v: float(jnp.dot(u, v) / jnp.linalg.norm(u) / jnp.linalg.norm(v))  # noqa: E731
     assert cos(path[1], a) == pytest.approx(cos(path[1], b), abs=1e-5)  # halfway along the arc
     np.testing.assert_allclose(DECODER.slerp(a, a, jnp.array([0.3])), a[None], atol=1e-5)  # parallel: stable
-    row = DECODER.interpolate(model, variables, images[0], images[1], [0.0, 0.5, 1.0], jax.random.key(0), config,
-                              text_length=20)
+    # uint8 images of another size are resized and normalised as the data pipeline does.
+    pixels = np.asarray(jax.random.randint(jax.random.key(5), (2, 48, 48, 3), 0, 256), np.uint8)
+    row = DECODER.interpolate_images(model, variables, pixels[0], pixels[1], [0.0, 0.5, 1.0], jax.random.key(0),
+                                     config)
     assert row.shape == (3, 16, 16, 3)
-    back = DECODER.interpolate(model, variables, images[0], images[1], [1.0, 0.5, 0.0], jax.random.key(0), config,
-                               text_length=20)
+    back = DECODER.interpolate_images(model, variables, pixels[0], pixels[1], [1.0, 0.5, 0.0], jax.random.key(0),
+                                      config)
     np.testing.assert_allclose(back[::-1], row, atol=1e-5)  # the same start noise in every column
     assert np.abs(np.asarray(row[0] - row[2])).max() > 1e-4  # the embedding moves the image
+    with pytest.raises(ValueError, match="must be \\[H, W, 3\\]"):
+        DECODER.prepare_image(np.zeros((8, 8), np.uint8), config)

@@ -197,3 +197,14 @@ def test_evaluator_with_the_clip_of_a_stage_on_the_trainers_mesh(run, judge, dra
     assert np.isfinite(out["val/gen/fd_clip"]) and "val/gen/rerank/main_acc" in out
     # Both samples of a prompt are the same drawing: the same CLIP score.
     assert ev.last_scores.shape == (6, 2) and ev.last_scores[:, 0] == pytest.approx(ev.last_scores[:, 1], abs=1e-4)
+
+
+def test_stage_paths_and_unreadable_images_are_clear(tmp_path):
+    from vlm_jax.sampling import images
+
+    assert images.stage_path(tmp_path / "grid.png", 0) == str(tmp_path / "grid_stage0.png")
+    assert images.stage_path("out", 2) == "out_stage2.png"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        images.read_image(str(bad))

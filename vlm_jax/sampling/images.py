@@ -11,12 +11,20 @@ the n images are written as one row with the prompt under it. Several prompts: a
 row drawn with the same rng, so for a GAN column j has the same noise z in every row (style held,
 content changed). --interpolate S (two prompts; a task with `interpolate`, e.g. GAN-INT-CLS): n
 rows of one noise each, S columns from the first prompt's text embedding to the second's.
+A cascade (a task with generate_stages: unCLIP's upsamplers over its decoder) writes every stage's
+grid, the lowest resolution beside `out` as <out>_stage0.png, and so on (stage_path).
+
+    vlm-jax sample --workdir runs/unclip --image scene.png -n 8                  # variations
+    vlm-jax sample --workdir runs/unclip --image a.png b.png --interpolate 8     # between two images
+
+run_image_variations: unCLIP's drawing from images (the task's variations / interpolate_images).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -66,6 +74,12 @@ def run_image_sample(
     task = draw.text_to_image_task(config)
     judge = _judge(workdir, config, clip_workdir) if rerank else None
     draws = int(rerank) if rerank else int(num)
+    path = out if out is not None else os.path.join(workdir, "sample.png")
+    if judge is None and hasattr(task, "generate_stages"):  # a cascade: every stage's grid
+        rng = jax.random.PRNGKey(int(seed))
+        staged = [task.generate_stages(model, variables, np.repeat(row[None], draws, axis=0), rng, config)
+                  for row in tokens]
+        return write_stages(path, [[row[k] for row in staged] for k in range(len(staged[0]))], prompts, config)
     rows = [
         draw.generate_images(task, model, variables, np.repeat(row[None], draws, axis=0),
                              jax.random.PRNGKey(int(seed)), config, batch_size)
@@ -73,8 +87,70 @@ def run_image_sample(
     ]
     if judge is not None:
         rows = [best_of(judge, row, prompt, int(num)) for row, prompt in zip(rows, prompts)]
-    path = out if out is not None else os.path.join(workdir, "sample.png")
     return draw.write_grid(path, rows, prompts)
+
+
+def stage_path(path: str | os.PathLike, stage: int) -> str:
+    """Where stage `stage` (0: the lowest resolution) of a cascade's grid goes beside `path`."""
+    stem, ext = os.path.splitext(os.fspath(path))
+    return f"{stem}_stage{stage}{ext or '.png'}"
+
+
+def write_stages(path: str | os.PathLike, stages: Sequence[Sequence[Any]], labels: Sequence[str],
+                 config: ml_collections.ConfigDict) -> str:
+    """stages[k]: the grid rows (data-normalised images [n, s, s, 3]) of stage k, lowest resolution
+    first. The last stage's grid goes to `path`, each earlier one to stage_path(path, k); returns path."""
+    for k, rows in enumerate(stages):
+        target = path if k == len(stages) - 1 else stage_path(path, k)
+        draw.write_grid(target, [denormalise(np.asarray(r), config) for r in rows], labels)
+    return os.fspath(path)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3]; ValueError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {path!r}: {e}") from e
+
+
+def run_image_variations(
+    workdir: str, images: Sequence[str], *, config: ml_collections.ConfigDict | None = None, num: int = 8,
+    interpolate: int = 0, out: str | os.PathLike | None = None, seed: int = 0, step: int | None = None,
+) -> str:
+    """unCLIP from images: one image -> `num` variations (its CLIP embedding through the decoder and
+    upsamplers; the task's variations[_stages]); two images with interpolate S >= 2 -> S images
+    along the slerp of their embeddings (interpolate_images[_stages]). Every stage's grid is
+    written (write_stages; default path <workdir>/variations.png or interpolation.png)."""
+    from vlm_jax.sampling.sample import load_for_sampling
+
+    images = list(images)
+    if interpolate and (len(images) != 2 or int(interpolate) < 2):
+        raise ValueError("--interpolate STEPS (at least 2) with --image blends exactly two images")
+    if not interpolate and len(images) != 1:
+        raise ValueError(f"variations start from one --image, got {len(images)} (two: add --interpolate STEPS)")
+    if int(num) < 1:
+        raise ValueError(f"-n {num}: draw at least one image")
+    pixels = [read_image(p) for p in images]
+    config, model, params, _ = load_for_sampling(workdir, config, step=step)
+    variables = draw.as_variables(params)
+    task = draw.text_to_image_task(config)
+    name = "interpolate_images" if interpolate else "variations"
+    if not callable(getattr(task, name, None)):
+        raise ValueError(f"task {config.task.name!r} has no {name}: it does not draw from images")
+    fn = getattr(task, f"{name}_stages", None)
+    rng = jax.random.PRNGKey(int(seed))
+    if interpolate:
+        args, label = (pixels[0], pixels[1], np.linspace(0.0, 1.0, int(interpolate), dtype=np.float32)), \
+            f"{os.path.basename(images[0])} -> {os.path.basename(images[1])}"
+    else:
+        args, label = (pixels[0], int(num)), f"variations of {os.path.basename(images[0])}"
+    stages = fn(model, variables, *args, rng, config) if fn else [getattr(task, name)(model, variables, *args, rng, config)]
+    path = out if out is not None else os.path.join(workdir, f"{'interpolation' if interpolate else 'variations'}.png")
+    return write_stages(path, [[s] for s in stages], [label], config)
 
 
 def _judge(workdir: str, config: ml_collections.ConfigDict, clip_workdir: str | None):

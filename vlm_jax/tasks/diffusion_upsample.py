@@ -194,22 +194,25 @@ def base_variables(variables: Mapping) -> dict:
     return {k: v["base"] for k, v in variables.items() if isinstance(v, Mapping) and "base" in v}
 
 
-def generate_stages(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array,
-                    config: ml_collections.ConfigDict) -> list[jax.Array]:
-    """Every stage's images for tokens [B, L], lowest resolution first: the base model's (its task's
-    generate_stages, or generate), then this upsampler's [B, S, S, 3] (S = config.data.image_size)."""
+def _raised(name: str, model: nn.Module, variables: dict, rng: jax.Array, config: ml_collections.ConfigDict,
+            *args: Any) -> list[jax.Array]:
+    """Every stage's images of the base task's `name`(model.base, its variables, *args, rng, its
+    config view) (its `<name>_stages` where it has one, e.g. a stacked upsampler), then this
+    upsampler's on the last of them: a list, lowest resolution first."""
     if model.base is None:
         raise ValueError("diffusion_upsample: this upsampler has no base model to draw from: "
                          "upsample(model, variables, low, rng, task) takes low-resolution images instead")
     view = base_config(config)
     base_task = tasks.get(str(view.task.name))
     r_base, r_up = jax.random.split(rng)
-    draw = getattr(base_task, "generate_stages", None)
     base_vars = base_variables(variables)
-    if draw is not None:
-        images = list(draw(model.base, base_vars, tokens, r_base, view))
+    staged, single = getattr(base_task, f"{name}_stages", None), getattr(base_task, name, None)
+    if staged is not None:
+        images = list(staged(model.base, base_vars, *args, r_base, view))
+    elif callable(single):
+        images = [single(model.base, base_vars, *args, r_base, view)]
     else:
-        images = [base_task.generate(model.base, base_vars, tokens, r_base, view)]
+        raise ValueError(f"diffusion_upsample: the base stage's task {view.task.name!r} has no {name}")
     size = int(config.data.image_size)
     if images[-1].shape[1] * model.factor != size:
         raise ValueError(
@@ -218,9 +221,41 @@ def generate_stages(model: nn.Module, variables: dict, tokens: jax.Array, rng: j
     return images + [upsample(model, variables, images[-1], r_up, config.task)]
 
 
+def generate_stages(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array,
+                    config: ml_collections.ConfigDict) -> list[jax.Array]:
+    """Every stage's images for tokens [B, L], lowest resolution first: the base model's (its task's
+    generate_stages, or generate), then this upsampler's [B, S, S, 3] (S = config.data.image_size)."""
+    return _raised("generate", model, variables, rng, config, tokens)
+
+
 def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array, config: Any) -> jax.Array:
     """Images [B, S, S, 3] (data-normalised) for tokens [B, L]: the last of generate_stages."""
     return generate_stages(model, variables, tokens, rng, config)[-1]
+
+
+def variations_stages(model: nn.Module, variables: dict, image: Any, num: int, rng: jax.Array,
+                      config: ml_collections.ConfigDict) -> list[jax.Array]:
+    """The base task's variations of an image (the unCLIP decoder's: its CLIP embedding drawn `num`
+    times), raised through every upsampler: one [num, s, s, 3] per stage, lowest first."""
+    return _raised("variations", model, variables, rng, config, image, num)
+
+
+def variations(model: nn.Module, variables: dict, image: Any, num: int, rng: jax.Array, config: Any) -> jax.Array:
+    """The last of variations_stages: [num, S, S, 3]."""
+    return variations_stages(model, variables, image, num, rng, config)[-1]
+
+
+def interpolate_images_stages(model: nn.Module, variables: dict, image_a: Any, image_b: Any, fractions: Any,
+                              rng: jax.Array, config: ml_collections.ConfigDict) -> list[jax.Array]:
+    """The base task's interpolation between two images (the unCLIP decoder's slerp of their CLIP
+    embeddings), raised through every upsampler: one [N, s, s, 3] per stage, lowest first."""
+    return _raised("interpolate_images", model, variables, rng, config, image_a, image_b, fractions)
+
+
+def interpolate_images(model: nn.Module, variables: dict, image_a: Any, image_b: Any, fractions: Any,
+                       rng: jax.Array, config: Any) -> jax.Array:
+    """The last of interpolate_images_stages: [N, S, S, 3]."""
+    return interpolate_images_stages(model, variables, image_a, image_b, fractions, rng, config)[-1]
 
 
 def stage_config(base: ml_collections.ConfigDict, unet: Mapping, *, factor: int = 2,

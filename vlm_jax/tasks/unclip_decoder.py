@@ -17,8 +17,9 @@ Drawing:
   (guided: out_u + w (out_c - out_u), the unconditional input the empty caption with a zero
   embedding) by tasks.diffusion's samplers, one compiled loop;
 * `variations`: an image's own CLIP embedding drawn n times with the empty caption (the paper's
-  image variations); `interpolate`: decodes the spherical interpolation between two images'
-  embeddings at the given fractions, from the same starting noise (the paper's figure 4).
+  image variations); `interpolate_images`: decodes the spherical interpolation between two images'
+  embeddings at the given fractions, from the same starting noise (the paper's figure 4). The
+  upsamplers' tasks raise both to their resolution (tasks.diffusion_upsample.variations, ...).
 
 Batches: image f32 [B, S, S, 3] (data-normalised), tokens int32 [B, L].
 """
@@ -122,13 +123,32 @@ def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Arra
     return draw(model, variables, tokens, embed, r_draw, config)
 
 
-def variations(
-    model: nn.Module, variables: dict, image: jax.Array, num: int, rng: jax.Array, config: Any, text_length: int,
-) -> jax.Array:
-    """`num` images [num, s, s, 3] drawn from one image's [S, S, 3] CLIP embedding (empty caption)."""
-    embed = _embed_images(model, variables, jnp.asarray(image)[None])
-    tokens = jnp.zeros((num, text_length), jnp.int32)
-    return draw(model, variables, tokens, jnp.repeat(embed, num, axis=0), rng, config)
+def prepare_image(image: Any, config: Any) -> jax.Array:
+    """An image (uint8 [H, W, 3], any size; or already data-normalised float [S, S, 3]) -> the
+    data-normalised float32 [S, S, 3] at data.image_size that CLIP reads."""
+    from vlm_jax.data.normalise import normalise
+
+    image = np.asarray(image)
+    size = int(config.data.image_size)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"unclip_decoder: an image must be [H, W, 3], got {image.shape}")
+    if image.dtype != np.uint8:
+        if image.shape[:2] != (size, size):
+            raise ValueError(f"unclip_decoder: a float image must already be {size}x{size}, got {image.shape[:2]}")
+        return jnp.asarray(image, jnp.float32)
+    if image.shape[:2] != (size, size):
+        from PIL import Image
+
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return jnp.asarray(normalise(image, config), jnp.float32)
+
+
+def variations(model: nn.Module, variables: dict, image: Any, num: int, rng: jax.Array, config: Any) -> jax.Array:
+    """`num` images [num, s, s, 3] drawn from one image's CLIP embedding with the empty caption (the
+    paper's variations); image as prepare_image takes it."""
+    embed = _embed_images(model, variables, prepare_image(image, config)[None])
+    tokens = jnp.zeros((int(num), int(config.data.text_length)), jnp.int32)
+    return draw(model, variables, tokens, jnp.repeat(embed, int(num), axis=0), rng, config)
 
 
 def slerp(a: jax.Array, b: jax.Array, fractions: jax.Array) -> jax.Array:
@@ -145,17 +165,18 @@ def slerp(a: jax.Array, b: jax.Array, fractions: jax.Array) -> jax.Array:
     return (wa * ua + wb * ub) * ((1.0 - f) * na + f * nb)
 
 
-def interpolate(
-    model: nn.Module, variables: dict, image_a: jax.Array, image_b: jax.Array, fractions: Any, rng: jax.Array,
-    config: Any, text_length: int,
+def interpolate_images(
+    model: nn.Module, variables: dict, image_a: Any, image_b: Any, fractions: Any, rng: jax.Array, config: Any,
 ) -> jax.Array:
     """Images [N, s, s, 3] from the slerp of two images' CLIP embeddings at fractions [N], all from
-    the same starting noise (so only the embedding changes along the row)."""
-    embeds = _embed_images(model, variables, jnp.stack([jnp.asarray(image_a), jnp.asarray(image_b)]))
+    the same starting noise (so only the embedding changes along the row); images as
+    prepare_image takes them."""
+    pair = jnp.stack([prepare_image(image_a, config), prepare_image(image_b, config)])
+    embeds = _embed_images(model, variables, pair)
     fractions = np.asarray(fractions, np.float32)
     path = slerp(embeds[0], embeds[1], jnp.asarray(fractions))
     n = len(fractions)
     shape = sample_shape(model, config, n)
     x_init = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(rng, 1), shape[1:]), shape)
-    tokens = jnp.zeros((n, text_length), jnp.int32)
+    tokens = jnp.zeros((n, int(config.data.text_length)), jnp.int32)
     return draw(model, variables, tokens, path, rng, config, x_init=x_init)
