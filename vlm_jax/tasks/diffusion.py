@@ -136,20 +136,24 @@ def denoising_loss(
 
 
 @functools.lru_cache(maxsize=None)
-def _net(model: nn.Module):
-    """model -> net(x_t, t, cond, variables): one denoiser call. Cached so that the samplers' jitted
-    loop (whose model function is a static argument) compiles once per model, not once per call."""
+def denoiser(model: nn.Module, whole_condition: bool = False):
+    """model -> net(x_t, t, cond, variables): one model.denoise call, with cond's "context" and
+    "pooled" (text_diffusion's and the unCLIP decoder's signature) or, whole_condition, cond itself
+    (the unCLIP prior's). Cached so that the samplers' jitted loop (whose model function is a
+    static argument) compiles once per model, not once per call."""
 
     def net(x_t: jax.Array, t: jax.Array, cond: dict, variables: dict) -> jax.Array:
+        if whole_condition:
+            return model.apply(variables, x_t, t, cond, method=model.denoise)
         return model.apply(variables, x_t, t, cond["context"], cond["pooled"], method=model.denoise)
 
     return net
 
 
 @functools.lru_cache(maxsize=None)
-def _guided_net(model: nn.Module):
+def guided_denoiser(model: nn.Module, whole_condition: bool = False):
     """model -> pair(x_t, t, cond, null, variables) = (out_cond, out_uncond) from one batched call."""
-    net = _net(model)
+    net = denoiser(model, whole_condition)
 
     def pair(x_t: jax.Array, t: jax.Array, cond: dict, null: dict, variables: dict):
         both = samplers.cond_uncond(lambda x, tt, c: net(x, tt, c, variables))
@@ -205,9 +209,9 @@ def sample_conditioned(
     w = float(task.get("guidance", 1.0))
     samplers.check_guidance(w)
     if w == 1.0:
-        fn, args, guidance = _net(model), (cond, variables), None
+        fn, args, guidance = denoiser(model), (cond, variables), None
     else:
-        fn, args, guidance = _guided_net(model), (cond, null(), variables), w
+        fn, args, guidance = guided_denoiser(model), (cond, null(), variables), w
     return run_sampler(fn, shape, rng, task, guidance=guidance, args=args, x_init=x_init,
                        return_trajectory=return_trajectory, prediction=str(task.get("prediction", "epsilon")),
                        clip_sample=float(task.get("clip_sample", 0.0)) or None)

@@ -38,7 +38,7 @@ import ml_collections
 from vlm_jax.models.diffusion import schedules
 from vlm_jax.sampling import diffusion as samplers
 from vlm_jax.tasks.base import apply_train
-from vlm_jax.tasks.diffusion import empty_tokens, run_sampler, schedule_of
+from vlm_jax.tasks.diffusion import denoiser, empty_tokens, guided_denoiser, run_sampler, schedule_of
 
 DEFAULT_STEPS = 64  # the paper's prior samples with 64 strided steps
 DEFAULT_PREDICTION = "sample"  # the paper's: the prior predicts the clean embedding
@@ -99,29 +99,6 @@ def loss_fn(
     return loss, {"metrics": metrics, "model_state": state}
 
 
-@functools.lru_cache(maxsize=None)
-def _net(model: nn.Module):
-    """model -> net(x_t, t, cond, variables): one denoiser call. Cached so that the samplers' jitted
-    loop (whose model function is a static argument) compiles once per model, not once per call."""
-
-    def net(x_t: jax.Array, t: jax.Array, cond: dict, variables: dict) -> jax.Array:
-        return model.apply(variables, x_t, t, cond, method=model.denoise)
-
-    return net
-
-
-@functools.lru_cache(maxsize=None)
-def _guided_net(model: nn.Module):
-    """model -> pair(x_t, t, cond, null, variables) = (out_cond, out_uncond) from one batched call."""
-    net = _net(model)
-
-    def pair(x_t: jax.Array, t: jax.Array, cond: dict, null: dict, variables: dict):
-        both = samplers.cond_uncond(lambda x, tt, c: net(x, tt, c, variables))
-        return both(x_t, t, cond, null)
-
-    return pair
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _condition(model: nn.Module, variables: dict, tokens: jax.Array) -> dict:
     return model.apply(variables, tokens, method=model.condition)
@@ -154,10 +131,10 @@ def _draw(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Array, 
     cond = _condition(model, variables, rows)
     shape = (b * num, int(model.embed_dim))
     if s["guidance"] == 1.0:
-        fn, args, guidance = _net(model), (cond, variables), None
+        fn, args, guidance = denoiser(model, True), (cond, variables), None
     else:
         null = _condition(model, variables, empty_tokens(tokens[:1], model.pad_id))
-        fn, args, guidance = _guided_net(model), (cond, null, variables), s["guidance"]
+        fn, args, guidance = guided_denoiser(model, True), (cond, null, variables), s["guidance"]
     x = run_sampler(fn, shape, rng, task, prediction=s["prediction"], clip_sample=s["clip_sample"],
                     guidance=guidance, args=args, default_steps=DEFAULT_STEPS, who="diffusion_prior")
     text_embed = cond["text_embed"].reshape(b, num, -1)[:, 0]
