@@ -10,7 +10,6 @@ import pytest
 
 from vlm_jax import config as config_lib
 from vlm_jax import models, tasks
-from vlm_jax.models import unclip_decoder
 from vlm_jax.sampling import diffusion as samplers
 
 DECODER = tasks.get("unclip_decoder")
@@ -84,8 +83,9 @@ def test_without_image_tokens_the_context_is_the_caption_and_bad_settings_are_er
     tokens = jnp.array([[2, 5, 3] + [0] * 17], jnp.int32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images, tokens)
     assert "image_tokens" not in variables["params"]
-    with pytest.raises(ValueError, match="downsample 3 does not divide"):
-        unclip_decoder.average_pool(jnp.zeros((1, 32, 32, 3)), 3)
+    odd = models.build(ml_collections.ConfigDict({**config.model.to_dict(), "downsample": 3}))
+    with pytest.raises(ValueError, match="factor 3 does not divide"):
+        odd.apply({}, jnp.zeros((1, 32, 32, 3)), method=odd.encode)
     with pytest.raises(ValueError, match="model.prior is missing"):
         models.build(ml_collections.ConfigDict(dict(name="unclip_decoder", unet=config.model.unet.to_dict())))
 

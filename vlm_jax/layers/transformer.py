@@ -37,12 +37,14 @@ class EncoderBlock(nn.Module):
     causal: bool = False
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    impl: str = "auto"  # vlm_jax.kernels.attention's implementation
     # Under nn.scan the body must map (carry, x) -> (carry, y).
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, _: Any = None) -> jax.Array | tuple[jax.Array, None]:
-        """x [B, T, E] -> [B, T, E] (or (x, None) when scanned)."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array | tuple[jax.Array, None]:
+        """x [B, T, E] -> [B, T, E] (or (x, None) when scanned); segment_ids int [B, T]: keys of
+        another segment are masked (e.g. id 0 for pads, 1 for the rest)."""
         x = nn.with_logical_constraint(x, _ACT_AXES)
         y = LayerNorm(self.ln_eps, self.dtype, name="ln1")(x)
         y = MultiHeadAttention(
@@ -50,8 +52,9 @@ class EncoderBlock(nn.Module):
             causal=self.causal,
             qkv_bias=self.qkv_bias,
             dtype=self.dtype,
+            impl=self.impl,
             name="attn",
-        )(y)
+        )(y, segment_ids=segment_ids)
         x = x + y
         y = LayerNorm(self.ln_eps, self.dtype, name="ln2")(x)
         x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
@@ -70,12 +73,13 @@ class Encoder(nn.Module):
     causal: bool = False
     qkv_bias: bool = True
     dtype: Any = jnp.float32
+    impl: str = "auto"
     scan_layers: bool = False
     remat: str = "none"  # none | full | dots
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, T, E] -> [B, T, E]."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x [B, T, E] -> [B, T, E]; segment_ids int [B, T] as EncoderBlock takes them."""
         block = EncoderBlock
         if self.remat != "none":
             if self.remat not in REMAT_POLICIES:
@@ -93,19 +97,21 @@ class Encoder(nn.Module):
             causal=self.causal,
             qkv_bias=self.qkv_bias,
             dtype=self.dtype,
+            impl=self.impl,
         )
         if self.scan_layers:
             stack = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
+                in_axes=(nn.broadcast,),
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**kwargs, scanned=True, name="layers")(x, None)
+            x, _ = stack(**kwargs, scanned=True, name="layers")(x, segment_ids)
             return x
         for i in range(self.depth):
-            x = block(**kwargs, name=f"layers_{i}")(x)
+            x = block(**kwargs, name=f"layers_{i}")(x, segment_ids)
         return x
 
 

@@ -32,18 +32,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.data import degrade
 from vlm_jax.layers.linear import dense
 from vlm_jax.models import unclip_prior, unet as unet_lib
-
-
-def average_pool(images: jax.Array, factor: int) -> jax.Array:
-    """[B, S, S, C] -> [B, S/f, S/f, C]: the mean of each f x f block (f = 1: unchanged)."""
-    if factor == 1:
-        return images
-    b, h, w, c = images.shape
-    if h % factor or w % factor:
-        raise ValueError(f"unclip_decoder: downsample {factor} does not divide the image size {h}x{w}")
-    return images.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
 
 
 class UnclipDecoder(nn.Module):
@@ -81,8 +72,9 @@ class UnclipDecoder(nn.Module):
         return {"context": context, "pooled": image_embed}
 
     def encode(self, images: jax.Array) -> jax.Array:
-        """Data-normalised images [B, S, S, 3] -> what is diffused: [B, S/d, S/d, 3]."""
-        return average_pool(images, self.downsample)
+        """Data-normalised images [B, S, S, 3] -> what is diffused: [B, S/d, S/d, 3], the mean of
+        each d x d block."""
+        return degrade.downsample(images, self.downsample, "area")
 
     def decode(self, x: jax.Array) -> jax.Array:
         """Diffused samples -> images (the identity: pixel space)."""

@@ -40,11 +40,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlm_jax.layers.attention import MultiHeadAttention
 from vlm_jax.layers.linear import dense
-from vlm_jax.layers.mlp import Mlp
 from vlm_jax.layers.norms import LayerNorm
-from vlm_jax.layers.transformer import REMAT_POLICIES, mlp_dim_from
+from vlm_jax.layers.transformer import Encoder, mlp_dim_from
 from vlm_jax.models import clip as clip_lib
 from vlm_jax.models.diffusion.blocks import timestep_embedding
 
@@ -56,65 +54,6 @@ def scaled_unit(x: jax.Array) -> jax.Array:
     """x [..., E] -> float32 [..., E] of norm sqrt(E) (unit variance entries), with no gradient."""
     unit = clip_lib.l2_normalize(x)
     return jax.lax.stop_gradient(unit * jnp.sqrt(jnp.float32(unit.shape[-1])))
-
-
-class PriorBlock(nn.Module):
-    """x + causal_attn(ln1(x)) (keys of another segment masked), then x + mlp(ln2(x)): [B, T, W]."""
-
-    num_heads: int
-    mlp_dim: int
-    act: str = "gelu"
-    ln_eps: float = 1e-5
-    dtype: Any = jnp.float32
-    impl: str = "auto"
-    scanned: bool = False  # under nn.scan the body maps (carry, broadcast) -> (carry, None)
-
-    @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array | tuple[jax.Array, None]:
-        """x [B, T, W], segment_ids int [B, T] -> [B, T, W] (or (x, None) when scanned)."""
-        x = nn.with_logical_constraint(x, _ACT_AXES)
-        y = LayerNorm(self.ln_eps, self.dtype, name="ln1")(x)
-        x = x + MultiHeadAttention(self.num_heads, causal=True, dtype=self.dtype, impl=self.impl, name="attn")(
-            y, segment_ids=segment_ids)
-        y = LayerNorm(self.ln_eps, self.dtype, name="ln2")(x)
-        x = x + Mlp(self.mlp_dim, self.act, self.dtype, name="mlp")(y)
-        x = nn.with_logical_constraint(x, _ACT_AXES)
-        return (x, None) if self.scanned else x
-
-
-class PriorStack(nn.Module):
-    """`depth` PriorBlocks (python loop or nn.scan, optional remat); no final norm."""
-
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    act: str = "gelu"
-    ln_eps: float = 1e-5
-    dtype: Any = jnp.float32
-    impl: str = "auto"
-    scan_layers: bool = False
-    remat: str = "none"  # none | full | dots
-
-    @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """x [B, T, W], segment_ids int [B, T] -> [B, T, W]."""
-        block = PriorBlock
-        if self.remat != "none":
-            if self.remat not in REMAT_POLICIES:
-                raise ValueError(f"unclip_prior: remat {self.remat!r}: choose none, {', '.join(REMAT_POLICIES)}")
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
-        kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
-                      dtype=self.dtype, impl=self.impl)
-        if self.scan_layers:
-            stack = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
-                length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = stack(**kwargs, scanned=True, name="layers")(x, segment_ids)
-            return x
-        for i in range(self.depth):
-            x = block(**kwargs, name=f"layers_{i}")(x, segment_ids)
-        return x
 
 
 class UnclipPrior(nn.Module):
@@ -150,8 +89,8 @@ class UnclipPrior(nn.Module):
         self.pos_embedding = self.param(
             "pos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.01), ("length", "embed")),
             (self.text_length + NUM_EXTRA, self.width), jnp.float32)
-        self.blocks = PriorStack(self.depth, self.heads, self.mlp_dim, self.act, self.ln_eps, self.dtype, self.impl,
-                                 self.scan_layers, self.remat)
+        self.blocks = Encoder(self.depth, self.heads, self.mlp_dim, act=self.act, ln_eps=self.ln_eps, causal=True,
+                              dtype=self.dtype, impl=self.impl, scan_layers=self.scan_layers, remat=self.remat)
         self.ln_final = LayerNorm(self.ln_eps, self.dtype)
         self.out = dense(self.embed_dim, ("embed", None), **d)
 

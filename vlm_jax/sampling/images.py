@@ -107,14 +107,14 @@ def write_stages(path: str | os.PathLike, stages: Sequence[Sequence[Any]], label
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3]; ValueError naming the file when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file -> uint8 [H, W, 3] (data.pipeline.load_image); ValueError naming the file when
+    it cannot be read."""
+    from vlm_jax.data.pipeline import load_image
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from e
+    image = load_image(path)
+    if image is None:
+        raise ValueError(f"cannot read image {path!r}")
+    return image
 
 
 def run_image_variations(

@@ -78,24 +78,14 @@ def loss_fn(
     r_drop, r_t, r_noise, r_model = jax.random.split(rng, 4)
     variables = {"params": params, **model_state}
     x0 = model.apply(variables, batch["image"], method=model.embed_image)
-    b = x0.shape[0]
     tokens, dropped = drop_captions(batch["tokens"], r_drop, float(task.get("cond_drop", 0.1)), model.pad_id)
     cond = model.apply(variables, tokens, method=model.condition)
-    t = jax.random.randint(r_t, (b,), 0, schedule.num_train_steps)
-    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
-    x_t = schedules.q_sample(schedule, x0, t, noise)
+    t, noise, x_t = schedules.training_inputs(schedule, x0, r_t, r_noise)
     out, state = apply_train(model, params, model_state, x_t, t, cond, rng=r_model, method=model.denoise)
-    loss = schedules.simple_loss(schedule, out, x0, noise, t, prediction, gamma)
-    per_example = jnp.square(out - schedules.target(schedule, x0, noise, t, prediction)).mean(axis=1)
+    loss, metrics = schedules.loss_terms(schedule, out, x0, noise, t, prediction, gamma)
     x0_hat = schedules.to_x0_and_eps(schedule, x_t, t, out, prediction)[0]
     cos = jnp.sum(x0_hat * x0, -1) / jnp.maximum(jnp.linalg.norm(x0_hat, axis=-1) * jnp.linalg.norm(x0, axis=-1), 1e-12)
-    low = t < schedule.num_train_steps // 2
-    metrics = dict(
-        loss=loss, mse=per_example.mean(), cos=cos.mean(),
-        mse_low_t=jnp.sum(per_example * low) / jnp.maximum(low.sum(), 1),
-        mse_high_t=jnp.sum(per_example * ~low) / jnp.maximum((~low).sum(), 1),
-        caption_dropped=dropped.mean(),
-    )
+    metrics.update(cos=cos.mean(), caption_dropped=dropped.mean())
     return loss, {"metrics": metrics, "model_state": state}
 
 

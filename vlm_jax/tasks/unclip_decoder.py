@@ -124,9 +124,10 @@ def generate(model: nn.Module, variables: dict, tokens: jax.Array, rng: jax.Arra
 
 
 def prepare_image(image: Any, config: Any) -> jax.Array:
-    """An image (uint8 [H, W, 3], any size; or already data-normalised float [S, S, 3]) -> the
-    data-normalised float32 [S, S, 3] at data.image_size that CLIP reads."""
-    from vlm_jax.data.normalise import normalise
+    """An image (uint8 [H, W, 3], any size: centre-cropped and resized as the data pipeline does;
+    or already data-normalised float [S, S, 3]) -> the data-normalised float32 [S, S, 3] at
+    data.image_size that CLIP reads."""
+    from vlm_jax.data.pipeline import preprocess_images
 
     image = np.asarray(image)
     size = int(config.data.image_size)
@@ -136,11 +137,7 @@ def prepare_image(image: Any, config: Any) -> jax.Array:
         if image.shape[:2] != (size, size):
             raise ValueError(f"unclip_decoder: a float image must already be {size}x{size}, got {image.shape[:2]}")
         return jnp.asarray(image, jnp.float32)
-    if image.shape[:2] != (size, size):
-        from PIL import Image
-
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    return jnp.asarray(normalise(image, config), jnp.float32)
+    return jnp.asarray(preprocess_images(image[None], config)[0], jnp.float32)
 
 
 def variations(model: nn.Module, variables: dict, image: Any, num: int, rng: jax.Array, config: Any) -> jax.Array:
