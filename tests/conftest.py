@@ -36,7 +36,24 @@ def pytest_configure(config):
     cpu_only = os.environ.get("JAX_PLATFORMS", "") == "cpu"  # not for a run of the GPU / TPU tests
     default_suite = "slow" not in expr or "not slow" in expr
     if cpu_only and default_suite and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-        os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+        os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0" + _faster_compile_flags()
+
+
+# XLA's CPU compiler with its older loop emitters instead of the fusion emitters, and its LLVM code
+# generated in one piece rather than split across threads: the default suite's CPU time about a
+# quarter less (tests/models/test_dalle.py's unit tests 66 s -> 43 s of CPU). Flags XLA does not know
+# abort the process, and jaxlib versions differ in what they know: a child process tries them first.
+_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+
+
+def _faster_compile_flags() -> str:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} {_COMPILE_FLAGS}"}
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1)"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return f" {_COMPILE_FLAGS}" if probe.returncode == 0 else ""
 
 
 def pytest_sessionfinish(session):
