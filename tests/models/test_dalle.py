@@ -406,21 +406,23 @@ def test_best_of_n_keeps_the_highest_clip_scores_best_first():
 @pytest.mark.slow
 def test_tiny_dalle_learns_to_draw_the_prompt(tmp_path):
     """configs/dalle.py:tiny as it is, every stage on the full built-in world (its default smoke
-    test is test_stages_train_clip_tokenizer_then_transformer_and_sample_reranked): the tokenizer
+    test is test_stages_train_the_tokenizer_then_the_transformer_on_it): the tokenizer
     keeps every attribute at 0.95 or better; one sample per validation prompt gets the main object
     right well above the shuffled-prompt floor (near chance), held-out pairs included, and CLIP's
-    best of 8 beats one sample. Issue 15 asks for 0.6 overall; the README's run: 0.605 (seen 0.867,
-    held-out 0.375), best of 8 0.719; this test's run (8 host devices) 0.531 (seen 0.767, held-out
-    0.324), best of 8 0.742. The bounds below leave room for another machine's numerics."""
+    best of 8 beats one sample. Issue 15 asks for 0.6 overall. On one device, as `vlm-jax train`
+    runs it on a CPU: the README's runs gave 0.766 (seen 0.908, held-out 0.640, best of 8 0.832) and,
+    seed 1, 0.723 (held-out 0.640); this test's (tests/conftest.py draws random bits by the other
+    threefry, so other initial weights) 0.672 (seen 0.767, held-out 0.588), best of 8 0.785,
+    shuffled 0.059, 20m16s. The bounds leave room for another machine's numerics."""
     from vlm_jax.train import stages
 
     config = config_lib.load("configs/dalle.py:tiny", {"train.progress": False})
-    summaries = dict(stages.train_stages(config, str(tmp_path / "run")))
+    summaries = dict(stages.train_stages(config, str(tmp_path / "run"), devices=jax.devices()[:1]))
     tok = summaries["tokenizer"]["eval"]
     assert min(tok[f"val/recon/{a}_acc"] for a in ("color", "shape", "size", "position")) >= 0.95
     ev = summaries["transformer"]["eval"]
-    assert ev["val/gen/main_acc"] >= 0.5 and ev["val/gen/main_acc_seen"] >= 0.7
-    assert ev["val/gen/main_acc_heldout"] >= 0.25
+    assert ev["val/gen/main_acc"] >= 0.6 and ev["val/gen/main_acc_seen"] >= 0.7
+    assert ev["val/gen/main_acc_heldout"] >= 0.5
     assert ev["val/gen/shuffled/main_acc"] < 0.1
     assert ev["val/gen/rerank/main_acc"] > ev["val/gen/main_acc"]
     from vlm_jax import cli  # best of 8 by the CLIP stage, the judge the evaluator names
