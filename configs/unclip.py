@@ -94,7 +94,8 @@ def _sampling(**overrides) -> dict:
     """The UNet stages' diffusion settings: v-prediction with min-SNR-5 weights (what the DDPM of
     configs/ddpm.py:tiny learnt best with), DDIM."""
     return dict(schedule="linear", num_train_steps=1000, beta_start=1e-4, beta_end=0.02, prediction="v_prediction",
-                min_snr_gamma=5.0, sampler="ddim", eta=0.0, clip_sample=1.0, **overrides)
+                min_snr_gamma=5.0, sampler="ddim", eta=0.0, clip_sample=1.0, threshold=0.0,
+                threshold_max=0.0, **overrides)
 
 
 def _prior_tiny() -> ml_collections.ConfigDict:

@@ -167,3 +167,32 @@ def test_whole_ddim_loop_equals_diffusers(spacing, n, offset):
         spacing=spacing, steps_offset=offset, prev_rule="diffusers", set_alpha_to_one=False,
         x_init=jnp.asarray(x_T.numpy()))
     np.testing.assert_allclose(np.asarray(ours_x), x.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_dynamic_thresholding_equals_diffusers(prediction):
+    """threshold r, threshold_max m <-> thresholding=True, dynamic_thresholding_ratio=r,
+    sample_max_value=m, in both steps (the outputs scaled up so that the quantile passes 1)."""
+    kind = "linear"
+    ours = _ours(kind)
+    for ratio, cap in ((0.995, 1.0), (0.9, 3.0), (0.5, 1e9)):
+        common = dict(prediction_type=prediction, thresholding=True, dynamic_thresholding_ratio=ratio,
+                      sample_max_value=cap)
+        ddpm = _theirs(diffusers.DDPMScheduler, kind, **common)
+        ddim = _theirs(diffusers.DDIMScheduler, kind, **common)
+        ddim.set_timesteps(50)
+        ts, prev_ts = D.ddim_timesteps(T, 50, "leading"), D.prev_timesteps(D.ddim_timesteps(T, 50, "leading"), T)
+        for i in (0, 25, 49):
+            t, t_prev = int(ts[i]), int(prev_ts[i])
+            out, x, z = 3 * _randn(4 * i), 3 * _randn(4 * i + 1), _randn(4 * i + 2)
+            msg, scale = f"{prediction} r={ratio} max={cap} t={t}", _scale(ours, t, out, x)
+            got_prev, got_x0 = ddim.step(out, t, x, eta=1.0, variance_noise=z, return_dict=False)
+            prev, x0 = D.ddim_step(ours, jnp.asarray(out.numpy()), t, t_prev, jnp.asarray(x.numpy()), 1.0,
+                                   jnp.asarray(z.numpy()), prediction, threshold=ratio, threshold_max=cap)
+            _close(x0, got_x0, msg + " ddim x0", scale)
+            _close(prev, got_prev, msg + " ddim", scale)
+            got_prev, got_x0 = ddpm.step(out, t, x, generator=torch.Generator().manual_seed(7), return_dict=False)
+            prev, x0 = D.ddpm_step(ours, jnp.asarray(out.numpy()), t, jnp.asarray(x.numpy()),
+                                   jnp.asarray(_randn(7).numpy()), prediction, threshold=ratio, threshold_max=cap)
+            _close(x0, got_x0, msg + " ddpm x0", scale)
+            _close(prev, got_prev, msg + " ddpm", scale)

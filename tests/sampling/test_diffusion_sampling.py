@@ -237,3 +237,27 @@ def test_bad_inputs_raise():
         D.ddim_step(s, X0_STAR, 3, 2, X0_STAR, eta=0.5)
     with pytest.raises(ValueError, match="x_init has shape"):
         D.sample_ddim(fn, s, SHAPE, rng, 5, x_init=jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match="quantile in"):
+        D.sample_ddim(fn, s, SHAPE, rng, 5, threshold=1.5)
+    with pytest.raises(ValueError, match="threshold_max must be >= 1"):
+        D.sample_ddpm(fn, s, SHAPE, rng, threshold=0.9, threshold_max=0.5)
+
+
+def test_dynamic_threshold_closed_form_and_in_the_loop():
+    """threshold_x0: an example whose |x0| quantile is at most 1 is only clipped to [-1, 1]; one above
+    is clipped to [-s, s] and divided by s (s capped at threshold_max). In a sampler, an x0* inside
+    [-1, 1] is still reached (the threshold never exceeds 1 near the end), one outside is pulled in."""
+    x0 = jnp.stack([jnp.array([0.2, -0.5, 1.4, 0.9]), jnp.array([4.0, -2.0, 1.0, 0.5])]).reshape(2, 2, 2, 1)
+    got = np.asarray(D.threshold_x0(x0, 0.5)).reshape(2, 4)
+    np.testing.assert_allclose(got[0], [0.2, -0.5, 1.0, 0.9])  # median |x0| 0.7 -> s = 1
+    s = 1.5  # the median of |[4, -2, 1, 0.5]|, linear interpolation
+    np.testing.assert_allclose(got[1], np.clip([4.0, -2.0, 1.0, 0.5], -s, s) / s, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(D.threshold_x0(x0, 0.5, 1.2)).reshape(2, 4)[1],
+                               np.clip([4.0, -2.0, 1.0, 0.5], -1.2, 1.2) / 1.2, rtol=1e-6)
+    s_ = S.make_schedule("linear", 200)
+    rng = jax.random.PRNGKey(0)
+    out = D.sample_ddim(POINT["epsilon"], s_, SHAPE, rng, 10, args=(s_.alphas_cumprod, X0_STAR), threshold=0.9)
+    np.testing.assert_allclose(np.asarray(out), TARGET, atol=1e-4)
+    far = 3.0 * X0_STAR
+    out = D.sample_ddim(POINT["epsilon"], s_, SHAPE, rng, 10, args=(s_.alphas_cumprod, far), threshold=0.9)
+    assert float(jnp.abs(out).max()) <= 1.0 + 1e-5 < float(jnp.abs(far).max())

@@ -2,7 +2,8 @@
 
 With abar the schedule's alphas_cumprod (vlm_jax.models.diffusion.schedules), a step from timestep
 t to an earlier t' (t' = t - 1 for the full chain; t' = -1 means "clean data", abar_{-1} = 1) first
-turns the model output into a predicted x0 (optionally clipped to [-c, c]) and eps, then
+turns the model output into a predicted x0 (optionally clipped to [-c, c], or dynamically
+thresholded: `threshold_x0`) and eps, then
 
   DDPM (Ho et al. 2020, eq. 6-7), the posterior q(x_t' | x_t, x0):
       alpha = abar_t / abar_t',  beta = 1 - alpha
@@ -61,8 +62,33 @@ def _abar_prev(schedule: Schedule, t_prev: jax.Array, final: jax.Array | float) 
     return jnp.where(t_prev >= 0, ac[jnp.maximum(t_prev, 0)], jnp.asarray(final, jnp.float32))
 
 
-def _clip(x0: jax.Array, clip_sample: float | None) -> jax.Array:
+def threshold_x0(x0: jax.Array, ratio: float, max_value: float = float("inf")) -> jax.Array:
+    """Dynamic thresholding (Saharia et al. 2022, Imagen): per example, s = the `ratio` quantile of
+    |x0| over all its values (linear interpolation), clamped to [1, max_value]; x0 clipped to [-s, s]
+    and divided by s. Pixels that guidance pushes past the data range are pulled in with the rest of
+    the image instead of saturating. x0 [B, ...] -> [B, ...]; diffusers' _threshold_sample with
+    dynamic_thresholding_ratio=ratio, sample_max_value=max_value (any layout: s is per example)."""
+    b = x0.shape[0]
+    s = jnp.quantile(jnp.abs(x0).reshape(b, -1).astype(jnp.float32), ratio, axis=1)
+    s = jnp.clip(s, 1.0, max_value).reshape((b,) + (1,) * (x0.ndim - 1))
+    return (jnp.clip(x0, -s, s) / s).astype(x0.dtype)
+
+
+def _clip(x0: jax.Array, clip_sample: float | None, threshold: float | None = None,
+          threshold_max: float = float("inf")) -> jax.Array:
+    """x0 thresholded (threshold: the ratio; clip_sample then unused, as diffusers' thresholding),
+    else clipped to [-clip_sample, clip_sample], else as it is."""
+    if threshold is not None:
+        return threshold_x0(x0, threshold, threshold_max)
     return x0 if clip_sample is None else jnp.clip(x0, -clip_sample, clip_sample)
+
+
+def check_threshold(threshold: float | None, threshold_max: float) -> None:
+    """ValueError unless threshold is None or in (0, 1] and threshold_max >= 1."""
+    if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+        raise ValueError(f"the dynamic threshold is a quantile in (0, 1], got {threshold}")
+    if not float(threshold_max) >= 1.0:
+        raise ValueError(f"threshold_max must be >= 1 (s is clamped to [1, threshold_max]), got {threshold_max}")
 
 
 def ddpm_step(
@@ -75,12 +101,16 @@ def ddpm_step(
     clip_sample: float | None = None,
     variance: str = "fixed_small",
     t_prev: jax.Array | int | None = None,
+    threshold: float | None = None,
+    threshold_max: float = float("inf"),
 ) -> tuple[jax.Array, jax.Array]:
     """One ancestral step x_t -> x_{t_prev} (t_prev default t - 1): model_out, x_t, noise [B, ...],
     t (and t_prev) an int scalar or int [B] -> (x_prev [B, ...], predicted x0 [B, ...]). The noise is
     added only where t > 0. Jit-able (t may be traced). diffusers' DDPMScheduler.step with
     clip_sample=c <-> clip_sample=True, clip_sample_range=c; None <-> clip_sample=False; t_prev is
-    its previous_timestep (t - 1, or the next entry of the timesteps after set_timesteps)."""
+    its previous_timestep (t - 1, or the next entry of the timesteps after set_timesteps);
+    threshold=r, threshold_max=m <-> thresholding=True, dynamic_thresholding_ratio=r,
+    sample_max_value=m (`threshold_x0`; clip_sample then unused)."""
     check_prediction(prediction)
     if variance not in VARIANCES:
         raise ValueError(f"unknown DDPM variance {variance!r}: expected one of {VARIANCES}")
@@ -94,7 +124,7 @@ def ddpm_step(
     beta = 1 - alpha
 
     x0, _ = to_x0_and_eps(schedule, x_t, t, model_out, prediction)
-    x0 = _clip(x0, clip_sample)
+    x0 = _clip(x0, clip_sample, threshold, threshold_max)
     c_x0 = (a_prev**0.5 * beta) / b_t
     c_xt = alpha**0.5 * b_prev / b_t
     mean = _expand(c_x0, x_t) * x0 + _expand(c_xt, x_t) * x_t
@@ -163,11 +193,14 @@ def ddim_step(
     prediction: str = "epsilon",
     set_alpha_to_one: bool = True,
     clip_sample: float | None = None,
+    threshold: float | None = None,
+    threshold_max: float = float("inf"),
 ) -> tuple[jax.Array, jax.Array]:
     """One DDIM step x_t -> x_{t_prev}: model_out, x_t, noise [B, ...], t and t_prev int scalars (or
     int [B]; t_prev < 0: to clean data, abar = 1, or abar_0 with set_alpha_to_one=False) ->
     (x_prev [B, ...], predicted x0 [B, ...]). The noise (diffusers' `variance_noise`) is scaled by
-    sigma(eta) and added when eta > 0; noise None is allowed only for eta = 0. Jit-able."""
+    sigma(eta) and added when eta > 0; noise None is allowed only for eta = 0. clip_sample and the
+    dynamic threshold as in `ddpm_step`. Jit-able."""
     check_prediction(prediction)
     if noise is None:
         if not isinstance(eta, jax.core.Tracer) and float(eta) != 0.0:
@@ -181,7 +214,7 @@ def ddim_step(
     b_prev = 1 - a_prev
 
     x0, eps = to_x0_and_eps(schedule, x_t, t, model_out, prediction)
-    x0 = _clip(x0, clip_sample)
+    x0 = _clip(x0, clip_sample, threshold, threshold_max)
     var = (b_prev / b_t) * (1 - a_t / a_prev)
     eta = jnp.asarray(eta, jnp.float32)
     std = eta * var**0.5
@@ -242,7 +275,7 @@ def cond_uncond(net_fn: ModelFn) -> PairFn:
 @functools.partial(
     jax.jit,
     static_argnames=("model_fn", "shape", "kind", "prediction", "guide", "noisy", "clip_sample", "variance",
-                     "set_alpha_to_one", "trajectory"),
+                     "set_alpha_to_one", "trajectory", "threshold", "threshold_max"),
 )
 def _loop(
     model_fn: Callable[..., Any],
@@ -264,6 +297,8 @@ def _loop(
     variance: str,
     set_alpha_to_one: bool,
     trajectory: bool,
+    threshold: float | None,
+    threshold_max: float,
 ) -> tuple[jax.Array, jax.Array | None]:
     """The whole reverse chain over timesteps [n] (to prev [n]) as one lax.scan. noisy=False (DDIM
     with eta = 0) draws no per-step noise (nor compiles its generator)."""
@@ -280,10 +315,11 @@ def _loop(
         out = out.astype(jnp.float32)
         noise = jax.random.normal(key, shape, jnp.float32) if noisy else None
         if kind == "ddpm":
-            x_prev, _ = ddpm_step(schedule, out, t, x_t, noise, prediction, clip_sample, variance, t_prev)
+            x_prev, _ = ddpm_step(schedule, out, t, x_t, noise, prediction, clip_sample, variance, t_prev,
+                                  threshold, threshold_max)
         else:
             x_prev, _ = ddim_step(schedule, out, t, t_prev, x_t, eta, noise, prediction, set_alpha_to_one,
-                                  clip_sample)
+                                  clip_sample, threshold, threshold_max)
         return x_prev, (x_prev if trajectory else None)
 
     x0, xs = jax.lax.scan(body, x, (timesteps, prev, keys))
@@ -292,8 +328,10 @@ def _loop(
     return x0, xs
 
 
-def _check_common(shape: tuple[int, ...], prediction: str, guidance: float | None, x_init: jax.Array | None) -> None:
+def _check_common(shape: tuple[int, ...], prediction: str, guidance: float | None, x_init: jax.Array | None,
+                  threshold: float | None, threshold_max: float) -> None:
     check_prediction(prediction)
+    check_threshold(threshold, threshold_max)
     if guidance is not None:
         check_guidance(guidance)
     if len(shape) < 1 or any(int(d) < 1 for d in shape):
@@ -315,6 +353,8 @@ def sample_ddpm(
     spacing: str = "leading",
     clip_sample: float | None = None,
     variance: str = "fixed_small",
+    threshold: float | None = None,
+    threshold_max: float = float("inf"),
     x_init: jax.Array | None = None,
     return_trajectory: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -325,8 +365,9 @@ def sample_ddpm(
     model_fn(x_t [B, ...], t int32 [B], *args) -> model output [B, ...]; with `guidance` w, model_fn
     returns (out_cond, out_uncond) (e.g. `cond_uncond(net)`) and they are combined with w. args (a
     tuple of pytrees: params, contexts) are passed through to model_fn as traced inputs. ValueError
-    for num_steps 0, w < 0 or an unknown prediction."""
-    _check_common(shape, prediction, guidance, x_init)
+    for num_steps 0, w < 0, a threshold outside (0, 1] or an unknown prediction. clip_sample and
+    threshold / threshold_max: what each step does to its predicted x0 (`ddpm_step`)."""
+    _check_common(shape, prediction, guidance, x_init, threshold, threshold_max)
     T = schedule.num_train_steps
     if num_steps is None:
         ts = np.arange(T - 1, -1, -1, dtype=np.int32)
@@ -340,6 +381,7 @@ def sample_ddpm(
         tuple(args), kind="ddpm", prediction=prediction, guide=guidance is not None, noisy=True,
         clip_sample=None if clip_sample is None else float(clip_sample), variance=variance,
         set_alpha_to_one=True, trajectory=bool(return_trajectory),
+        threshold=None if threshold is None else float(threshold), threshold_max=float(threshold_max),
     )
     return (x0, xs) if return_trajectory else x0
 
@@ -360,15 +402,18 @@ def sample_ddim(
     prev_rule: str = "next",
     set_alpha_to_one: bool = True,
     clip_sample: float | None = None,
+    threshold: float | None = None,
+    threshold_max: float = float("inf"),
     x_init: jax.Array | None = None,
     return_trajectory: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """DDIM sampling in num_steps steps over `ddim_timesteps(T, num_steps, spacing, steps_offset)`,
     each to `prev_timesteps(.., prev_rule)` ("diffusers" reproduces DDIMScheduler's t - T // n), from
     x_T ~ N(0, I) (or x_init) [shape] -> x0 [shape], or (x0, trajectory [n + 1, *shape]). eta = 0 is
-    deterministic given x_T. model_fn, guidance and args as in `sample_ddpm`. ValueError for
-    num_steps < 1 or > T, eta < 0, w < 0 or an unknown prediction."""
-    _check_common(shape, prediction, guidance, x_init)
+    deterministic given x_T. model_fn, guidance, args, clip_sample and the threshold as in
+    `sample_ddpm`. ValueError for num_steps < 1 or > T, eta < 0, w < 0, a threshold outside (0, 1]
+    or an unknown prediction."""
+    _check_common(shape, prediction, guidance, x_init, threshold, threshold_max)
     if not float(eta) >= 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     T = schedule.num_train_steps
@@ -379,5 +424,6 @@ def sample_ddim(
         tuple(args), kind="ddim", prediction=prediction, guide=guidance is not None, noisy=float(eta) > 0,
         clip_sample=None if clip_sample is None else float(clip_sample), variance="fixed_small",
         set_alpha_to_one=bool(set_alpha_to_one), trajectory=bool(return_trajectory),
+        threshold=None if threshold is None else float(threshold), threshold_max=float(threshold_max),
     )
     return (x0, xs) if return_trajectory else x0

@@ -3,7 +3,8 @@
     config.task = dict(name="diffusion", schedule="linear", num_train_steps=1000, beta_start=1e-4,
                        beta_end=0.02, prediction="epsilon", min_snr_gamma=0.0, cond_drop=0.1,
                        sampler="ddim", sample_steps=50, eta=0.0, guidance=3.0, clip_sample=1.0,
-                       spacing="leading", steps_offset=0, prev_rule="next", set_alpha_to_one=True)
+                       spacing="leading", steps_offset=0, prev_rule="next", set_alpha_to_one=True,
+                       threshold=0.0, threshold_max=0.0)
 
 Loss (Ho et al. 2020, the "simple" objective): x0 = model.encode(images) (pixels, or scaled
 latents), t ~ U{0, ..., T-1}, eps ~ N(0, I), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the
@@ -25,7 +26,9 @@ reverse chain of vlm_jax.sampling.diffusion as one jitted loop: sampler "ddpm" (
 training step, or sample_steps of them when sample_steps > 0) or "ddim" (sample_steps steps, eta),
 with guidance w: out_u + w (out_c - out_u) (w = 1: the conditional model alone, no second pass;
 w = 0: unconditional), x0 clipped to [-clip_sample, clip_sample] at each step when clip_sample > 0
-(pixel space), then model.decode. spacing / steps_offset / prev_rule / set_alpha_to_one pick the
+(pixel space), or, when threshold r > 0, thresholded dynamically (Imagen: divided by the r quantile
+of |x0| when that is above 1, capped at threshold_max when > 0; keeps high guidance from
+saturating the colours), then model.decode. spacing / steps_offset / prev_rule / set_alpha_to_one pick the
 DDIM timesteps as vlm_jax.sampling.diffusion.sample_ddim does (a converted Stable Diffusion
 scheduler: prev_rule "diffusers", its own spacing and offset).
 
@@ -226,7 +229,9 @@ def run_sampler(
     """The reverse chain that `task` names, for any denoiser fn(x_t, t, *args) (with guidance w: a
     pair function, vlm_jax.sampling.diffusion's): task.sampler "ddpm" (ancestral; sample_steps of
     the training steps, 0: all) or "ddim" (sample_steps >= 1, eta, spacing, steps_offset, prev_rule,
-    set_alpha_to_one), on the schedule of task (schedule_of), one jitted loop. Every diffusion task
+    set_alpha_to_one), on the schedule of task (schedule_of), one jitted loop; task.threshold r > 0
+    thresholds each step's x0 dynamically instead of clipping it (the r quantile of |x0|, at most
+    task.threshold_max when > 0: sampling.diffusion.threshold_x0). Every diffusion task
     here (text-to-image, the unCLIP prior and decoder, the upsamplers) draws through this; `who`
     names the task in errors (ValueError for an unknown sampler or a bad step count)."""
     sampler = str(task.get("sampler", "ddim"))
@@ -236,8 +241,10 @@ def run_sampler(
     if steps < 0 or (sampler == "ddim" and steps < 1):
         need = "DDIM needs task.sample_steps >= 1" if sampler == "ddim" else "task.sample_steps must be >= 0"
         raise ValueError(f"{who}: {need}, got {steps}")
+    threshold = float(task.get("threshold", 0.0)) or None
     common = dict(prediction=prediction, clip_sample=clip_sample, x_init=x_init, return_trajectory=return_trajectory,
-                  guidance=guidance, args=args, spacing=str(task.get("spacing", "leading")))
+                  guidance=guidance, args=args, spacing=str(task.get("spacing", "leading")), threshold=threshold,
+                  threshold_max=float(task.get("threshold_max", 0.0)) or float("inf"))
     if sampler == "ddpm":
         return samplers.sample_ddpm(fn, schedule_of(task), shape, rng, num_steps=steps or None, **common)
     return samplers.sample_ddim(
