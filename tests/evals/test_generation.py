@@ -175,6 +175,11 @@ def test_clip_reranking_picks_the_right_sample(setup):
     right = _run(ev, "right")
     assert right["gen/fd_clip"] < 0.2 * wrong["gen/fd_clip"]
     assert right["gen/clip_score"] == pytest.approx(right["gen/real/clip_score"])
+    # The floor: the real images' two halves (even and odd prompts) against each other. The real
+    # images themselves score 0 against all of them; mismatched ones far above the floor.
+    floor = wrong["gen/real/fd_clip"]
+    assert floor == pytest.approx(generation.frechet_distance(ev.real_embeds[0::2], ev.real_embeds[1::2]))
+    assert right["gen/fd_clip"] < floor < 0.5 * wrong["gen/fd_clip"]
 
 
 def test_bad_configs_are_clear_errors(setup):

@@ -30,7 +30,9 @@ each image and its prompt, the w = 100 convention of the text-to-image literatur
 every sample), gen/real/clip_score (the same for the real images), gen/fd_clip (evals.frechet's
 Fréchet distance between the unit CLIP image embeddings of all generated samples and of the real
 images; it depends on the numbers of images, so compare it at one num_examples and
-samples_per_prompt), and, with samples_per_prompt > 1, gen/rerank/... (the best of N by CLIP
+samples_per_prompt), gen/real/fd_clip (the floor: the same distance between the real images'
+two halves, even and odd prompts, with 4 prompts or more; a generator as good as the data would
+score about this, a little less for having twice the images per side), and, with samples_per_prompt > 1, gen/rerank/... (the best of N by CLIP
 score, the first sample being the one-sample figure). Without a CLIP those are not reported, and a
 warning says so when the evaluator is built.
 
@@ -164,6 +166,8 @@ class GenerationEvaluator:
             self.text_embeds = self.clip.embed_texts(self.prompts)
             self.real_embeds = self.clip.embed_images(real)
             self.real["gen/real/clip_score"] = float(clip_judge.clip_score(self.real_embeds, self.text_embeds).mean())
+            if len(self.real_embeds) >= 4:  # two images a side at least
+                self.real["gen/real/fd_clip"] = frechet_distance(self.real_embeds[0::2], self.real_embeds[1::2])
             if self.samples_per_prompt == 1:
                 log.warning("evaluator %r: samples_per_prompt 1, so no gen/rerank", name)
         self.last_images: np.ndarray | None = None
