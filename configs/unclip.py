@@ -26,6 +26,10 @@ Variants:
   2048, 24 layers, 32 heads over the 77 text tokens of a CLIP ViT-H/16 (256x256 images, image tower
   width 1280 x 32 layers, text tower width 1024 x 24 layers, embedding 1024), T = 1000 cosine, 64
   sampling steps; not trained here (the CLIP would come from `vlm-jax convert`).
+* decoder_published, upsample1_published, upsample2_published: the decoder at 64x64 on that prior
+  (a GLIDE-size UNet, 2.87B parameters: see _DECODER_UNET) and the two upsamplers 64 -> 256 and
+  256 -> 1024 (728M and 276M), each holding the stage before whole; for `vlm-jax plan` and the
+  golden sharding snapshots, not trained here.
 """
 
 import os
@@ -36,7 +40,8 @@ from vlm_jax import config as config_lib
 from vlm_jax.config_defaults import base_config, default_mesh_and_rules
 
 _CONFIGS = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("tiny", "prior_tiny", "decoder_tiny", "upsample1_tiny", "published")
+VARIANTS = ("tiny", "prior_tiny", "decoder_tiny", "upsample1_tiny", "published", "decoder_published",
+            "upsample1_published", "upsample2_published")
 _UNCLIP = os.path.join(_CONFIGS, "unclip.py")
 
 # The prior's transformer per variant.
@@ -78,15 +83,16 @@ def _published_clip() -> ml_collections.ConfigDict:
 
 
 def _unet(channels: tuple[int, ...], attn: tuple[bool, ...], *, in_channels: int = 3, context: int = 0,
-          pooled: int = 0, heads: int = 4, groups: int = 8) -> dict:
+          pooled: int = 0, heads: int | tuple[int, ...] = 4, groups: int = 8, layers: int = 1,
+          dropout: float = 0.0) -> dict:
     """A models.unet section: cross-attention at the levels `attn` marks (context > 0), else none."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     return dict(
-        name="unet", in_channels=in_channels, out_channels=3, block_out_channels=channels, layers_per_block=1,
+        name="unet", in_channels=in_channels, out_channels=3, block_out_channels=channels, layers_per_block=layers,
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn" if context else "",
         attention_head_dim=heads, cross_attention_dim=context, use_linear_projection=True, norm_num_groups=groups,
-        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, pooled_dim=pooled, dropout=0.0, dtype="float32",
+        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, pooled_dim=pooled, dropout=dropout, dtype="float32",
     )
 
 
@@ -140,16 +146,58 @@ def _decoder_tiny() -> ml_collections.ConfigDict:
 
 
 def _upsampler(base: ml_collections.ConfigDict, channels: tuple[int, ...], degrade: str, size: int,
-               steps: int) -> ml_collections.ConfigDict:
-    """An upsampler stage (x2, no caption) over the stage config `base`, at data.image_size `size`."""
+               steps: int, factor: int = 2, layers: int = 1, groups: int = 8, batch_size: int = 32,
+               dtype: str = "float32") -> ml_collections.ConfigDict:
+    """An upsampler stage (no caption, no attention) over the stage config `base`, at data.image_size
+    `size` = factor x base's."""
     from vlm_jax.tasks.diffusion_upsample import stage_config
 
-    config = stage_config(base, _unet(channels, (False,) * len(channels), in_channels=6), factor=2,
-                          degrade=degrade, sample_steps=20, **_sampling())
+    unet = _unet(channels, (False,) * len(channels), in_channels=6, layers=layers, groups=groups)
+    config = stage_config(base, {**unet, "dtype": dtype}, factor=factor, degrade=degrade, sample_steps=20,
+                          **_sampling())
     config.data.image_size = size
-    config.data.batch_size = 32
+    config.data.batch_size = batch_size
     config.train.update(dict(steps=steps, eval_every=steps, ckpt_every=steps))
     config.evals = _generation_eval(batch_size=128)
+    return config
+
+
+# The published decoder and upsamplers (section 2.1, appendix C). The decoder is GLIDE's 64x64
+# ADM UNet: width 512, channel multipliers (1, 2, 3, 4), three residual blocks per level, attention
+# at 32, 16 and 8 with 64 channels per head, dropout 0.1 (GLIDE, Nichol et al. 2022, section 4):
+# 2.87B parameters here (our blocks are UNet2DConditionModel's: each attention level a transformer
+# block with self-attention, cross-attention and a GEGLU MLP, larger than ADM's attention block).
+# GLIDE's own 1.2B text transformer, which made its 3.5B, is not built: the
+# captions come in as the CLIP text tower's hidden states (as in `tiny`), with the 4 image-embedding
+# tokens beside them. The upsamplers: ADM UNets without attention (the paper: "only spatial
+# convolutions"), no caption, 64 -> 256 with the blur and 256 -> 1024 with the BSR mix, two
+# residual blocks per level, widths chosen here to land near the paper's 700M and 300M (728M and
+# 276M; the widths themselves are not in the paper's text). Schedules, batch
+# sizes and learning rates of these three are placeholders for `vlm-jax plan` (tiny's sampling
+# settings, the paper's 2048 / 1024 batch scale), not the paper's table.
+_DECODER_UNET = dict(channels=(512, 1024, 1536, 2048), attn=(False, True, True, True), layers=3,
+                     heads=(8, 16, 24, 32), groups=32, dropout=0.1)
+_UPSAMPLERS = ((416, 832, 1248, 1664), (256, 512, 768, 1024))  # 728M and 276M parameters
+_UPSAMPLE_PUBLISHED = dict(factor=4, layers=2, groups=32, batch_size=1024, dtype="bfloat16")
+
+
+def _decoder_published() -> ml_collections.ConfigDict:
+    config = get_config("published")  # the prior, on the CLIP ViT-H/16
+    clip = config.model.clip
+    u = _DECODER_UNET
+    config.model = ml_collections.ConfigDict(dict(
+        name="unclip_decoder", prior=config.model.to_dict(), image_tokens=4, context_dim=0, downsample=4,
+        unet={**_unet(u["channels"], u["attn"], context=int(clip.text.width), pooled=int(clip.embed_dim),
+                      heads=u["heads"], groups=u["groups"], layers=u["layers"], dropout=u["dropout"]),
+              "dtype": "bfloat16"},
+    ))
+    config.task = ml_collections.ConfigDict(dict(
+        name="unclip_decoder", cond_drop=0.5, embed_drop=0.1, guidance=1.5, sample_steps=250,
+        prior=config.task.to_dict(), **_sampling()))
+    config.data.batch_size = 2048
+    config.optim.update(dict(lr=1.2e-4, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=5000))
+    config.train.update(dict(steps=800_000, init_from_map="prior:."))
+    config.optim.trainable = "^(?!prior/)"
     return config
 
 
@@ -173,6 +221,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             prior=stage("prior_tiny", 32), decoder=stage("decoder_tiny", 32), upsample1=stage("upsample1_tiny", 32),
             upsample2=dict(),
         ))
+    elif arg == "decoder_published":
+        config = _decoder_published()
+    elif arg == "upsample1_published":  # 64 -> 256, Gaussian blur
+        config = _upsampler(_decoder_published(), _UPSAMPLERS[0], "blur", 256, 1_000_000, **_UPSAMPLE_PUBLISHED)
+    elif arg == "upsample2_published":  # 256 -> 1024, the BSR-style mix
+        config = _upsampler(get_config("upsample1_published"), _UPSAMPLERS[1], "bsr", 1024, 1_000_000,
+                            **_UPSAMPLE_PUBLISHED)
     else:
         config = base_config()
         config.task = prior_task()

@@ -31,6 +31,8 @@ CONFIGS = {
     "configs/dalle.py": ("tokenizer_tiny", "tokenizer_tiny_vq", "tokenizer", "tiny", "12b"),
     "configs/ddpm.py": ("tiny", "published"),
     "configs/ldm.py": ("tiny", "sd15"),
+    # tiny holds upsample1_tiny whole, and upsample2_published the published decoder and upsample1.
+    "configs/unclip.py": ("prior_tiny", "decoder_tiny", "tiny", "published", "upsample2_published"),
     "configs/llama.py": (
         "tiny", "llama_7b", "llama2_7b", "llama2_13b", "llama2_70b", "llama3_8b", "tinyllama_1b"
     ),
