@@ -32,8 +32,9 @@ Fréchet distance between the unit CLIP image embeddings of all generated sample
 images; it depends on the numbers of images, so compare it at one num_examples and
 samples_per_prompt), gen/real/fd_clip (the floor: the same distance between the real images'
 two halves, even and odd prompts, with 4 prompts or more; a generator as good as the data would
-score about this, a little less for having twice the images per side), and, with samples_per_prompt > 1, gen/rerank/... (the best of N by CLIP
-score, the first sample being the one-sample figure). Without a CLIP those are not reported, and a
+score about this, a little less for having twice the images per side), and, with
+samples_per_prompt > 1, gen/rerank/... (the best of N by CLIP score, the first sample being the
+one-sample figure). Without a CLIP those are not reported, and a
 warning says so when the evaluator is built.
 
 Each evaluation's first `grid_prompts` prompts with all their samples go to a PNG grid (a row per

@@ -28,8 +28,8 @@ with guidance w: out_u + w (out_c - out_u) (w = 1: the conditional model alone, 
 w = 0: unconditional), x0 clipped to [-clip_sample, clip_sample] at each step when clip_sample > 0
 (pixel space), or, when threshold r > 0, thresholded dynamically (Imagen: divided by the r quantile
 of |x0| when that is above 1, capped at threshold_max when > 0; keeps high guidance from
-saturating the colours), then model.decode. spacing / steps_offset / prev_rule / set_alpha_to_one pick the
-DDIM timesteps as vlm_jax.sampling.diffusion.sample_ddim does (a converted Stable Diffusion
+saturating the colours), then model.decode. spacing / steps_offset / prev_rule / set_alpha_to_one
+pick the DDIM timesteps as vlm_jax.sampling.diffusion.sample_ddim does (a converted Stable Diffusion
 scheduler: prev_rule "diffusers", its own spacing and offset).
 
 Batches: image f32 [B, S, S, 3] (data-normalised to about [-1, 1]), tokens int32 [B, L].
