@@ -84,7 +84,7 @@ def _published_clip() -> ml_collections.ConfigDict:
 
 def _unet(channels: tuple[int, ...], attn: tuple[bool, ...], *, in_channels: int = 3, context: int = 0,
           pooled: int = 0, heads: int | tuple[int, ...] = 4, groups: int = 8, layers: int = 1,
-          dropout: float = 0.0) -> dict:
+          dropout: float = 0.0, dtype: str = "float32") -> dict:
     """A models.unet section: cross-attention at the levels `attn` marks (context > 0), else none."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
@@ -92,7 +92,7 @@ def _unet(channels: tuple[int, ...], attn: tuple[bool, ...], *, in_channels: int
         name="unet", in_channels=in_channels, out_channels=3, block_out_channels=channels, layers_per_block=layers,
         down_block_types=down, up_block_types=up, mid_block_type="UNetMidBlock2DCrossAttn" if context else "",
         attention_head_dim=heads, cross_attention_dim=context, use_linear_projection=True, norm_num_groups=groups,
-        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, pooled_dim=pooled, dropout=dropout, dtype="float32",
+        norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, pooled_dim=pooled, dropout=dropout, dtype=dtype,
     )
 
 
@@ -152,8 +152,8 @@ def _upsampler(base: ml_collections.ConfigDict, channels: tuple[int, ...], degra
     `size` = factor x base's."""
     from vlm_jax.tasks.diffusion_upsample import stage_config
 
-    unet = _unet(channels, (False,) * len(channels), in_channels=6, layers=layers, groups=groups)
-    config = stage_config(base, {**unet, "dtype": dtype}, factor=factor, degrade=degrade, sample_steps=20,
+    unet = _unet(channels, (False,) * len(channels), in_channels=6, layers=layers, groups=groups, dtype=dtype)
+    config = stage_config(base, unet, factor=factor, degrade=degrade, sample_steps=20,
                           **_sampling())
     config.data.image_size = size
     config.data.batch_size = batch_size
@@ -187,9 +187,8 @@ def _decoder_published() -> ml_collections.ConfigDict:
     u = _DECODER_UNET
     config.model = ml_collections.ConfigDict(dict(
         name="unclip_decoder", prior=config.model.to_dict(), image_tokens=4, context_dim=0, downsample=4,
-        unet={**_unet(u["channels"], u["attn"], context=int(clip.text.width), pooled=int(clip.embed_dim),
-                      heads=u["heads"], groups=u["groups"], layers=u["layers"], dropout=u["dropout"]),
-              "dtype": "bfloat16"},
+        unet=_unet(u["channels"], u["attn"], context=int(clip.text.width), pooled=int(clip.embed_dim),
+                   heads=u["heads"], groups=u["groups"], layers=u["layers"], dropout=u["dropout"], dtype="bfloat16"),
     ))
     config.task = ml_collections.ConfigDict(dict(
         name="unclip_decoder", cond_drop=0.5, embed_drop=0.1, guidance=1.5, sample_steps=250,
